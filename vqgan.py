@@ -122,18 +122,29 @@ class VQGAN(nn.Module):
         return self.decode(z_q), indices, q_loss
 
 
-def load_vqgan(path, device="cpu") -> VQGAN:
-    """Load a stage-one checkpoint written by training_vqgan.py into a ready, frozen, eval-mode VQGAN."""
-    from utils import load_checkpoint  # local import: utils imports nothing from here at module load
+def load_vqgan(path, device="cpu", config=None) -> VQGAN:
+    """Load a stage-one checkpoint into a ready, frozen, eval-mode VQGAN.
 
-    ckpt = load_checkpoint(path, map_location="cpu")
-    if ckpt.get("kind") != "vqgan" or "model_config" not in ckpt:
-        kind = ckpt.get("kind", "unknown")
-        raise ValueError(f"{path} is not a stage-one VQGAN checkpoint (kind: {kind}); "
-                         "pass the file written by training_vqgan.py (checkpoints/vqgan_last.pt)")
-    fields = {f.name for f in dataclasses.fields(VQGANConfig)}
-    model = VQGAN(VQGANConfig(**{k: v for k, v in ckpt["model_config"].items() if k in fields}))
-    state = ckpt.get("ema_model") or ckpt["model"]
-    model.load_state_dict(state, strict=True)
+    Accepts the files training_vqgan.py and convert_checkpoint.py write, and the authors' taming-
+    transformers / latent-diffusion `.ckpt` files (see taming_compat). `config` is the taming YAML (path
+    or dict) for those; by default it is looked up beside the checkpoint, else inferred from the weights.
+    """
+    import taming_compat  # local import: taming_compat imports this module
+
+    ckpt = taming_compat.read_checkpoint(path)  # never runs code from the file
+    if taming_compat.checkpoint_format(ckpt) in ("taming_vqgan", "taming_transformer"):
+        t = taming_compat.taming_vqgan(ckpt, path, config)
+        model = taming_compat.vqgan_from_state_dict(t.config, t.state_dict)
+    else:
+        if config is not None:
+            raise ValueError(f"{path} carries its own model_config; `config` is only for taming checkpoints")
+        if ckpt.get("kind") != "vqgan" or "model_config" not in ckpt:
+            kind = ckpt.get("kind", "unknown")
+            raise ValueError(f"{path} is not a stage-one VQGAN checkpoint (kind: {kind}); "
+                             "pass the file written by training_vqgan.py (checkpoints/vqgan_last.pt)")
+        fields = {f.name for f in dataclasses.fields(VQGANConfig)}
+        model = VQGAN(VQGANConfig(**{k: v for k, v in ckpt["model_config"].items() if k in fields}))
+        state = ckpt.get("ema_model") or ckpt["model"]
+        model.load_state_dict(state, strict=True)
     model.to(device).eval().requires_grad_(False)
     return model

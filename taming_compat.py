@@ -548,6 +548,20 @@ class TamingTransformer:
     n_classes: int | None         # of class-conditional models
     config_source: str
 
+    def start_tokens(self, batch_size: int, labels=None) -> torch.Tensor:
+        """(B, 1) int64 first tokens as taming feeds them: sos_token, or the class id itself (no
+        offset: class ids and codes share the GPT's vocabulary, as in taming's Labelator)."""
+        if self.conditioning == "unconditional":
+            if labels is not None:
+                raise ValueError("labels given, but this taming model is unconditional")
+            return torch.full((batch_size, 1), self.sos_token, dtype=torch.long)
+        if labels is None:
+            raise ValueError(f"this taming model is class-conditional: give {batch_size} labels in [0, {self.n_classes})")
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if labels.numel() != batch_size or labels.min() < 0 or labels.max() >= self.n_classes:
+            raise ValueError(f"expected {batch_size} labels in [0, {self.n_classes}), got {labels.tolist()}")
+        return labels[:, None]  # (B, 1)
+
 
 def taming_gpt_state_dict(sd: dict, prefix: str = "transformer.") -> dict:
     """Our mingpt.GPT's state dict from taming's: keys under `prefix`, minus the causal-mask buffers."""

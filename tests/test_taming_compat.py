@@ -671,6 +671,9 @@ def test_transformer_class_conditional(tmp_path):
     assert t.gpt_config == {**TINY_GPT, "embd_pdrop": 0.0, "resid_pdrop": 0.0, "attn_pdrop": 0.0, "n_unmasked": 0}
     assert not any(k.endswith("attn.mask") for k in t.gpt_state_dict) and "tok_emb.weight" in t.gpt_state_dict
     assert set(t.vqgan_state_dict) == set(vq)
+    assert t.start_tokens(2, [7, 9]).tolist() == [[7], [9]]  # class id itself, no offset
+    with pytest.raises(ValueError):
+        t.start_tokens(1, [10])
     # the same file's first stage loads as a VQGAN
     assert torch.equal(load_vqgan(path).quantize.embedding.weight, vq["quantize.embedding.weight"])
     mingpt = pytest.importorskip("mingpt")
@@ -683,6 +686,7 @@ def test_transformer_unconditional_sos_token(tmp_path):
     path = write_run(tmp_path / "ffhq", sd, net2net_yaml("__is_unconditional__", sos_token=3, unconditional=True))
     t = load_taming_transformer_parts(path)
     assert (t.conditioning, t.sos_token, t.n_classes) == ("unconditional", 3, None)
+    assert t.start_tokens(2).tolist() == [[3], [3]]
 
 
 def test_transformer_refusals(tmp_path):

@@ -17,7 +17,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 import taming_compat
 import utils

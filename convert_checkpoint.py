@@ -17,7 +17,6 @@ import json
 import os
 from pathlib import Path
 
-
 import taming_compat
 import utils
 from utils import UserError

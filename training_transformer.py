@@ -31,7 +31,7 @@ from mingpt import GPT_PRESETS
 from training_vqgan import EpochBatchSampler, StopFlag
 from transformer import TransformerConfig, VQGANTransformer, build_from_checkpoint, model_dict, weights_digest
 from utils import UserError, field
-from vqgan import load_vqgan
+from vqgan import VQGAN, config_from_preset, load_vqgan
 
 GPT_FIELDS = ("n_layer", "n_head", "n_embd", "embd_pdrop", "resid_pdrop", "attn_pdrop")
 CACHE_VERSION = 1  # bump when the cache layout or the augmentations change
@@ -74,7 +74,8 @@ class TrainConfig:
     num_workers: int = field(2, "data loader workers for the one-off encoding pass")
     seed: int = field(0, "random seed")
     log_every: int = field(10, "steps between metrics.jsonl records")
-    num_grid_images: int = field(4, "rows of the per-epoch grid (original | reconstruction | completion | sample)")
+    num_grid_images: int = field(4, "rows of the per-epoch grid, each original | reconstruction | "
+                                    "completion | sample (0: no grids)")
     temperature: float = field(1.0, "sampling temperature for the grids (0: greedy)")
     top_k: int | None = field(None, "sample from the k most likely codes only (none: all)")
     top_p: float | None = field(None, "nucleus sampling mass (none: off)")
@@ -370,11 +371,11 @@ def main(argv=None):
         logger.log(f"nothing to do: already at step {step} of {total_steps}")
 
     n_show = min(cfg.num_grid_images, len(val_idx))
-    show_idx = val_idx[:n_show]
-    show_images = torch.stack([utils.ImageDataset([files[i] for i in show_idx.tolist()], image_size,
-                                                  train=False)[j][0] for j in range(n_show)])
-    show_codes = val_codes[:n_show]
-    show_labels = val_labels[:n_show] if val_labels is not None else None
+    if n_show > 0:
+        show_set = utils.ImageDataset([files[i] for i in val_idx[:n_show].tolist()], image_size, train=False)
+        show_images = torch.stack([show_set[j][0] for j in range(n_show)])  # (n, 3, S, S), the centre crops
+        show_codes = val_codes[:n_show]
+        show_labels = val_labels[:n_show] if val_labels is not None else None
 
     def save():
         state = {**model_dict(model), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
@@ -384,7 +385,9 @@ def main(argv=None):
         utils.save_checkpoint(state, last_path)
 
     def grid(name: str):
-        save_transformer_grid(model, show_images, show_codes, show_labels, logger.results / name, cfg, cfg.seed)
+        if n_show > 0:
+            save_transformer_grid(model, show_images, show_codes, show_labels, logger.results / name, cfg,
+                                  cfg.seed)
 
     model.train()
     bad_steps = 0
@@ -451,20 +454,30 @@ def main(argv=None):
 # ----------------------------------------------------------------------------- benchmark
 
 def benchmark_code_cache(steps: int = 5, repeats: int = 5, batch_size: int = 16, device: str = "cpu",
-                         seed: int = 0) -> dict:
+                         seed: int = 0, threads: int | None = None) -> dict:
     """GPT training throughput on cached codes vs encoding every batch through the VQGAN encoder.
 
     Both use the `demo` presets (VQGAN 64px -> 8x8 codes, GPT 4x4x256) with random weights and the
     same in-memory images, so image loading is excluded (which favours the encode path). The two
     are measured interleaved (A, B, A, B, ...) `repeats` times over `steps` steps each, after one
-    warm-up round, and medians are taken, so load from other processes hits both alike.
+    warm-up round, and medians are taken, so load from other processes hits both alike. `threads`
+    sets torch's CPU threads for the measurement (None: unchanged).
 
     Returns {"cached_tokens_per_sec", "encode_tokens_per_sec" (medians), "speedup" (their ratio),
     "cached_runs", "encode_runs" (per-repeat tokens/s), "batch_size", "steps", "repeats",
     "tokens_per_sequence", "threads"}.
     """
-    from vqgan import VQGAN, config_from_preset
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _benchmark_code_cache(steps, repeats, batch_size, device, seed)
+    finally:
+        torch.set_num_threads(old_threads)
 
+
+def _benchmark_code_cache(steps, repeats, batch_size, device, seed) -> dict:
+    """The measurement of benchmark_code_cache."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     vq_cfg = config_from_preset("demo")

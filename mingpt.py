@@ -1,0 +1,336 @@
+"""GPT over VQGAN codes (stage two), in the minGPT form of taming-transformers.
+
+Parameter names follow taming's `taming/modules/transformer/mingpt.py`, so a taming
+GPT state dict loads with strict=True once its `*.attn.mask` buffers are dropped (see
+`strip_taming_gpt_keys`). Attention runs through `F.scaled_dot_product_attention`.
+
+Sampling: `GPT.generate` samples with temperature, top-k and top-p, with a KV cache by
+default. The cache is a list of preallocated (k, v) tensors, one pair per layer, from
+`GPT.allocate_cache`; `GPT.forward_cached` runs new tokens against it. `generate` takes a
+`logits_processor(logits, idx) -> logits` hook for per-step edits of one batch's logits
+(e.g. banning tokens). Classifier-free guidance needs two batches per step, so write that
+loop yourself with `allocate_cache` and `forward_cached` (see `generate` for the pattern).
+"""
+
+import inspect
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Named model sizes (n_layer, n_head, n_embd); pass them as GPTConfig(..., **GPT_PRESETS[name]).
+GPT_PRESETS = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32),  # for tests
+    "demo": dict(n_layer=4, n_head=4, n_embd=256),  # trains on a laptop CPU in minutes
+    "paper": dict(n_layer=24, n_head=16, n_embd=1024),  # taming-transformers' stage-two GPT
+}
+
+
+@dataclass
+class GPTConfig:
+    """Hyperparameters of the GPT; defaults are taming's `GPT` constructor defaults."""
+
+    vocab_size: int
+    block_size: int
+    n_layer: int = 12
+    n_head: int = 8
+    n_embd: int = 256
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    n_unmasked: int = 0  # the first n_unmasked positions attend to each other both ways
+
+
+def strip_taming_gpt_keys(sd):
+    """Return a copy of a taming GPT state dict without its `*.attn.mask` buffers."""
+    # Taming stores the causal mask as a buffer; here the mask comes from is_causal (or is
+    # rebuilt from n_unmasked), so those keys have no home in this module.
+    return {k: v for k, v in sd.items() if not k.endswith(".attn.mask")}
+
+
+def attention_mask(pos, T, n_unmasked, device=None):
+    """Bool mask (T, pos + T), True where query pos + i may attend to key j."""
+    q = torch.arange(pos, pos + T, device=device)[:, None]  # (T, 1) absolute query positions
+    k = torch.arange(pos + T, device=device)[None, :]  # (1, pos + T) absolute key positions
+    allowed = k <= q
+    if n_unmasked > 0:
+        # Taming: mask[:n_unmasked, :n_unmasked] = 1, a bidirectional prefix.
+        allowed = allowed | ((q < n_unmasked) & (k < n_unmasked))
+    return allowed
+
+
+def top_k_top_p_filter(logits, top_k=None, top_p=None):
+    """Return logits (..., V) with tokens outside the top-k and the top-p nucleus set to -inf."""
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        k = min(top_k, logits.size(-1))
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)  # (..., V)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already hold >= top_p of the mass:
+        # this keeps the smallest set with cumulative prob >= top_p, and always the top token.
+        remove_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        remove_sorted[..., 0] = False
+        remove = torch.zeros_like(remove_sorted).scatter(-1, sorted_idx, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, do_sample=True, generator=None):
+    """Pick one token per row from logits (B, V): greedy if temperature == 0 or not do_sample; returns (B, 1)."""
+    if not do_sample or temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    logits = top_k_top_p_filter(logits / temperature, top_k, top_p)
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with separate key/query/value projections (taming names)."""
+
+    def __init__(self, n_embd, n_head, attn_pdrop, resid_pdrop, n_unmasked):
+        super().__init__()
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        self.key = nn.Linear(n_embd, n_embd)
+        self.query = nn.Linear(n_embd, n_embd)
+        self.value = nn.Linear(n_embd, n_embd)
+        self.attn_pdrop = attn_pdrop
+        self.resid_drop = nn.Dropout(resid_pdrop)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.n_head = n_head
+        self.n_unmasked = n_unmasked
+
+    def forward(self, x, cache=None, pos=0):
+        """x: (B, T, C) hidden states at positions pos..pos+T-1; cache: (k, v) each (B, nh, max_len, hs) or None."""
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        q = self.query(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.key(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.value(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k_cache, v_cache = cache
+            k_cache[:, :, pos : pos + T] = k
+            v_cache[:, :, pos : pos + T] = v
+            k = k_cache[:, :, : pos + T]  # (B, nh, pos + T, hs)
+            v = v_cache[:, :, : pos + T]  # (B, nh, pos + T, hs)
+        elif pos != 0:
+            raise ValueError("pos > 0 needs a cache holding the earlier keys and values")
+
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        if T == 1:
+            # One query at the newest position sees every cached key, so no mask is needed
+            # (also under n_unmasked: the keys it could add are all at positions < pos + 1).
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        elif pos == 0 and self.n_unmasked == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            # is_causal aligns the mask top-left, which is wrong for a chunk after a cached
+            # prefix, and it can't express the n_unmasked prefix: build the mask explicitly.
+            mask = attention_mask(pos, T, self.n_unmasked, device=x.device)  # (T, pos + T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, n_embd, n_head, attn_pdrop, resid_pdrop, n_unmasked):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(n_embd)
+        self.ln2 = nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head, attn_pdrop, resid_pdrop, n_unmasked)
+        # A Sequential, so the parameter names are taming's mlp.0 and mlp.2.
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd),
+            nn.GELU(),
+            nn.Linear(4 * n_embd, n_embd),
+            nn.Dropout(resid_pdrop),
+        )
+
+    def forward(self, x, cache=None, pos=0):
+        """x: (B, T, C) -> (B, T, C)."""
+        x = x + self.attn(self.ln1(x), cache, pos)
+        x = x + self.mlp(self.ln2(x))
+        return x
+
+
+class GPT(nn.Module):
+    """minGPT over code indices, with learned absolute position embeddings and an optional embedding prefix."""
+
+    def __init__(
+        self,
+        vocab_size,
+        block_size,
+        n_layer=12,
+        n_head=8,
+        n_embd=256,
+        embd_pdrop=0.0,
+        resid_pdrop=0.0,
+        attn_pdrop=0.0,
+        n_unmasked=0,
+    ):
+        super().__init__()
+        if not 0 <= n_unmasked <= block_size:
+            raise ValueError(f"n_unmasked must be in [0, block_size], got {n_unmasked}")
+        self.config = GPTConfig(
+            vocab_size, block_size, n_layer, n_head, n_embd, embd_pdrop, resid_pdrop, attn_pdrop, n_unmasked
+        )
+        self.block_size = block_size
+        self.tok_emb = nn.Embedding(vocab_size, n_embd)
+        self.pos_emb = nn.Parameter(torch.zeros(1, block_size, n_embd))
+        self.drop = nn.Dropout(embd_pdrop)
+        self.blocks = nn.ModuleList(
+            [Block(n_embd, n_head, attn_pdrop, resid_pdrop, n_unmasked) for _ in range(n_layer)]
+        )
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    @classmethod
+    def from_config(cls, cfg):
+        """Build a GPT from a GPTConfig."""
+        return cls(**asdict(cfg))
+
+    def _init_weights(self, module):
+        """minGPT init: N(0, 0.02) for Linear and Embedding weights, zero biases, LayerNorm ones/zeros."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, GPT):
+            # Position embeddings start at zero, as in minGPT and taming.
+            nn.init.zeros_(module.pos_emb)
+
+    def load_taming_state_dict(self, sd, strict=True):
+        """Load a taming GPT state dict (keys relative to the GPT, e.g. `transformer.` stripped)."""
+        return self.load_state_dict(strip_taming_gpt_keys(sd), strict=strict)
+
+    def _embed(self, idx, embeddings, pos):
+        """idx: (B, t) int64 in [0, vocab); embeddings: (B, te, C) or None -> (B, te + t, C) at positions pos..."""
+        x = self.tok_emb(idx)  # (B, t, C)
+        if embeddings is not None:
+            x = torch.cat((embeddings, x), dim=1)  # (B, te + t, C)
+        T = x.size(1)
+        if pos + T > self.block_size:
+            raise ValueError(
+                f"sequence of length {pos + T} exceeds block_size {self.block_size}"
+            )
+        return self.drop(x + self.pos_emb[:, pos : pos + T])  # (B, T, C)
+
+    def _logits(self, x):
+        """x: (B, T, C) -> logits (B, T, vocab)."""
+        return self.head(self.ln_f(x))
+
+    def forward(self, idx, embeddings=None, targets=None):
+        """idx: (B, t) int64 codes; embeddings: (B, te, C) prefix or None; targets: (B, te + t) -> (logits (B, te + t, V), loss or None)."""
+        x = self._embed(idx, embeddings, 0)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        logits = self._logits(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def allocate_cache(self, batch_size, max_len=None):
+        """Preallocate a KV cache: per layer (k, v), each (B, nh, max_len, hs), on the model's device and dtype."""
+        cfg = self.config
+        max_len = cfg.block_size if max_len is None else max_len
+        if max_len > cfg.block_size:
+            raise ValueError(f"cache length {max_len} exceeds block_size {cfg.block_size}")
+        p = self.head.weight
+        shape = (batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        return [
+            (p.new_empty(shape), p.new_empty(shape)) for _ in range(cfg.n_layer)
+        ]
+
+    def forward_cached(self, idx_new, cache, pos, embeddings=None):
+        """Run tokens idx_new (B, t) at positions pos.. against cache (filled for 0..pos-1); returns logits (B, te + t, V)."""
+        if embeddings is not None and pos != 0:
+            raise ValueError("an embeddings prefix is only allowed in the prefill (pos == 0)")
+        x = self._embed(idx_new, embeddings, pos)  # (B, T, C)
+        T = x.size(1)
+        if pos + T > cache[0][0].size(2):
+            raise ValueError(f"positions up to {pos + T} exceed the cache length {cache[0][0].size(2)}")
+        for block, layer_cache in zip(self.blocks, cache):
+            x = block(x, layer_cache, pos)
+        return self._logits(x)  # (B, T, V)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx,
+        max_new_tokens,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        use_cache=True,
+        generator=None,
+        do_sample=True,
+        logits_processor=None,
+    ):
+        """Append max_new_tokens sampled tokens to idx (B, t); greedy if temperature == 0 or not do_sample; returns (B, t + max_new_tokens)."""
+        B, t = idx.shape
+        if max_new_tokens <= 0:
+            return idx
+        # The last sampled token is never fed back, so the model sees t + max_new_tokens - 1.
+        total = t + max_new_tokens - 1
+        if total > self.block_size:
+            raise ValueError(
+                f"prompt ({t}) + max_new_tokens ({max_new_tokens}) - 1 = {total} exceeds block_size {self.block_size}"
+            )
+        if use_cache and t < self.config.n_unmasked:
+            # Cached keys of the bidirectional prefix would miss the prefix tokens that come later.
+            raise ValueError(f"cached generation needs a prompt of at least n_unmasked ({self.config.n_unmasked}) tokens")
+
+        cache = self.allocate_cache(B, total) if use_cache else None
+        out = idx.new_empty(B, t + max_new_tokens)  # (B, t + max_new_tokens), filled as we go
+        out[:, :t] = idx
+        for i in range(max_new_tokens):
+            n = t + i  # tokens so far
+            if not use_cache:
+                logits = self(out[:, :n])[0][:, -1]  # (B, V), recomputes the whole prefix
+            elif i == 0:
+                logits = self.forward_cached(out[:, :n], cache, 0)[:, -1]  # prefill, (B, V)
+            else:
+                logits = self.forward_cached(out[:, n - 1 : n], cache, n - 1)[:, -1]  # (B, V)
+            if logits_processor is not None:
+                logits = logits_processor(logits, out[:, :n])
+            out[:, n : n + 1] = sample_next_token(logits, temperature, top_k, top_p, do_sample, generator)
+        return out
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas):
+        """AdamW with weight decay on Linear weights only; biases, LayerNorm, embeddings and pos_emb are not decayed."""
+        decay, no_decay = [], []
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                # Only the matmul weights of Linear layers decay, as in minGPT.
+                (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        extra = {}
+        on_cuda = all(p.is_cuda for p in self.parameters())
+        if on_cuda and "fused" in inspect.signature(torch.optim.AdamW).parameters:
+            extra["fused"] = True  # one kernel for all parameters; otherwise torch picks foreach itself
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    def num_params(self):
+        """Number of parameters."""
+        return sum(p.numel() for p in self.parameters())

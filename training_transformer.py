@@ -153,7 +153,8 @@ def encode_dataset(model: VQGANTransformer, files, image_size: int, num_augmenta
 
 
 def load_or_encode_codes(model, files, image_size, cfg, cache_dir: Path, device, amp, logger) -> torch.Tensor:
-    """The (N, A, h*w) codes of all files, from <cache_dir>/codes_<key>.pt or by encoding them once."""
+    """The (N, A, h*w) int16/int32 codes of all files, from <cache_dir>/codes_<key>.pt or by encoding
+    them once."""
     key = cache_key(weights_digest(model.vqgan), files, image_size, cfg.num_augmentations)
     path = cache_dir / f"codes_{key}.pt"
     if path.is_file():
@@ -161,14 +162,14 @@ def load_or_encode_codes(model, files, image_size, cfg, cache_dir: Path, device,
             cached = torch.load(path, map_location="cpu", weights_only=True)
             if cached.get("key") == key:
                 logger.log(f"reusing cached codes {path}")
-                return cached["codes"].long()
+                return cached["codes"]
         except Exception as e:  # a damaged cache only costs one more encoding pass
             logger.log(f"warning: ignoring unreadable code cache {path}: {str(e).splitlines()[0]}")
     t0 = time.perf_counter()
     codes = encode_dataset(model, files, image_size, cfg.num_augmentations, cfg.batch_size,
                            cfg.num_workers, device, amp)
-    small = torch.int16 if model.num_codes <= 2 ** 15 else torch.int32  # codes only need 16 bits
-    utils.save_checkpoint({"key": key, "codes": codes.to(small), "files": [str(p) for p in files],
+    codes = codes.to(torch.int16 if model.num_codes <= 2 ** 15 else torch.int32)  # 4x smaller than int64
+    utils.save_checkpoint({"key": key, "codes": codes, "files": [str(p) for p in files],
                            "image_size": image_size, "num_augmentations": cfg.num_augmentations}, path)
     logger.log(f"encoded {len(files)} images x {cfg.num_augmentations} views in "
                f"{time.perf_counter() - t0:.1f}s; cached codes to {path}")
@@ -316,7 +317,7 @@ def main(argv=None):
 
     logger = utils.RunLogger(out, "transformer")
     cache = load_or_encode_codes(model, files, image_size, cfg, out / "cache", device, amp, logger)
-    codes_all = cache.to(device)  # (N, A, T)
+    codes_all = cache.to(device)  # (N, A, T), kept in int16/int32; batches become int64 when used
     # Encoding draws from the global RNG (DataLoader seeds) only on a cache miss: reseed, so training
     # is the same whether or not the codes came from the cache.
     utils.seed_everything(cfg.seed)
@@ -325,7 +326,7 @@ def main(argv=None):
     train_idx, val_idx = torch.tensor(train_idx), torch.tensor(val_idx or train_idx)
     A, T = codes_all.shape[1], codes_all.shape[2]
     train_codes = codes_all[train_idx.to(device)].reshape(-1, T)  # (N_train * A, T), image-major
-    val_codes = codes_all[val_idx.to(device), 0]  # (N_val, T): centre crops only
+    val_codes = codes_all[val_idx.to(device), 0].long()  # (N_val, T): centre crops only
     if labels_all is not None:
         labels_all = labels_all.to(device)
         train_labels = labels_all[train_idx.to(device)].repeat_interleave(A)  # (N_train * A,)
@@ -402,7 +403,7 @@ def main(argv=None):
                 lr = lr_at(step, cfg, schedule_steps)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                r = train_step(model, train_codes[rows], y, opt, scaler, amp, cfg.grad_clip)
+                r = train_step(model, train_codes[rows].long(), y, opt, scaler, amp, cfg.grad_clip)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
@@ -454,60 +455,81 @@ def main(argv=None):
 # ----------------------------------------------------------------------------- benchmark
 
 def benchmark_code_cache(steps: int = 5, repeats: int = 5, batch_size: int = 16, device: str = "cpu",
-                         seed: int = 0, threads: int | None = None) -> dict:
+                         seed: int = 0, threads: int | None = None, vqgan_preset: str = "demo",
+                         gpt_preset: str = "demo") -> dict:
     """GPT training throughput on cached codes vs encoding every batch through the VQGAN encoder.
 
-    Both use the `demo` presets (VQGAN 64px -> 8x8 codes, GPT 4x4x256) with random weights and the
-    same in-memory images, so image loading is excluded (which favours the encode path). The two
-    are measured interleaved (A, B, A, B, ...) `repeats` times over `steps` steps each, after one
-    warm-up round, and medians are taken, so load from other processes hits both alike. `threads`
-    sets torch's CPU threads for the measurement (None: unchanged).
+    By default both use the `demo` presets (VQGAN 64px -> 8x8 codes, GPT 4x4x256; `vqgan_preset`
+    names a vqgan.PRESETS entry, `gpt_preset` a mingpt.GPT_PRESETS one), with random weights. Three
+    pipelines, each `steps` training steps on batches of the demo photos:
+      cached:      index the pre-encoded codes, as main() does;
+      encode:      run the encoder on images already in memory (no loading: the lower bound);
+      load_encode: load, crop and flip the batch's photos, then encode, as the reference does per step.
+    They are measured interleaved (cached, encode, load_encode, cached, ...) `repeats` times after
+    one warm-up round, and medians are taken, so load from other processes hits all alike.
+    `threads` sets torch's CPU threads for the measurement (None: unchanged).
 
-    Returns {"cached_tokens_per_sec", "encode_tokens_per_sec" (medians), "speedup" (their ratio),
-    "cached_runs", "encode_runs" (per-repeat tokens/s), "batch_size", "steps", "repeats",
-    "tokens_per_sequence", "threads"}.
+    Returns {"cached_tokens_per_sec", "encode_tokens_per_sec", "load_encode_tokens_per_sec"
+    (medians), "speedup" (cached / encode), "speedup_with_loading" (cached / load_encode),
+    "runs" ({pipeline: per-repeat tokens/s}), "batch_size", "steps", "repeats",
+    "tokens_per_sequence", "threads", "vqgan_preset", "gpt_preset"}.
     """
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _benchmark_code_cache(steps, repeats, batch_size, device, seed)
+        return _benchmark_code_cache(steps, repeats, batch_size, device, seed, vqgan_preset, gpt_preset)
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _benchmark_code_cache(steps, repeats, batch_size, device, seed) -> dict:
+def _benchmark_code_cache(steps, repeats, batch_size, device, seed, vqgan_preset, gpt_preset) -> dict:
     """The measurement of benchmark_code_cache."""
     torch.manual_seed(seed)
     dev = torch.device(device)
-    vq_cfg = config_from_preset("demo")
-    model = VQGANTransformer(VQGAN(vq_cfg), TransformerConfig(**GPT_PRESETS["demo"])).to(dev)
+    vq_cfg = config_from_preset(vqgan_preset)
+    model = VQGANTransformer(VQGAN(vq_cfg), TransformerConfig(**GPT_PRESETS[gpt_preset])).to(dev)
     model.train()
     opt = model.gpt.configure_optimizers(0.01, 3e-4, (0.9, 0.95))
     scaler = torch.amp.GradScaler(dev.type, enabled=False)
     amp = utils.autocast(dev, "fp32")
-    images = torch.rand(batch_size, 3, vq_cfg.image_size, vq_cfg.image_size, device=dev) * 2 - 1
-    codes = model.encode_to_indices(images)  # (B, T), the "cache"
-    T = codes.shape[1]
+    files = utils.find_images(utils.DEMO_DATA)
+    dataset = utils.ImageDataset(files, vq_cfg.image_size, train=True)
+    n = len(files)
+    batches = [[(i * batch_size + j) % n for j in range(batch_size)] for i in range(steps)]
+    images = torch.stack([dataset[(i, i)][0] for i in range(n)]).to(dev)  # (N, 3, S, S) in memory
+    cache = torch.cat([model.encode_to_indices(images[i : i + batch_size]) for i in range(0, n, batch_size)])
+    T = cache.shape[1]
 
-    def run(encode: bool) -> float:
+    def codes_for(mode: str, rows: list[int], step: int) -> torch.Tensor:
+        if mode == "cached":
+            return cache[torch.tensor(rows, device=dev)]  # (B, T)
+        if mode == "encode":
+            return model.encode_to_indices(images[torch.tensor(rows, device=dev)])
+        x = torch.stack([dataset[(r, step * n + r)][0] for r in rows]).to(dev)  # (B, 3, S, S)
+        return model.encode_to_indices(x)
+
+    def run(mode: str) -> float:
         t0 = time.perf_counter()
-        for _ in range(steps):
-            c = model.encode_to_indices(images) if encode else codes
-            train_step(model, c, None, opt, scaler, amp, 1.0)
+        for step, rows in enumerate(batches):
+            train_step(model, codes_for(mode, rows, step), None, opt, scaler, amp, 1.0)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return steps * batch_size * T / (time.perf_counter() - t0)
 
-    run(False), run(True)  # warm-up
-    cached, encoded = [], []
+    modes = ("cached", "encode", "load_encode")
+    for mode in modes:  # warm-up
+        run(mode)
+    runs = {mode: [] for mode in modes}
     for _ in range(repeats):
-        cached.append(run(False))
-        encoded.append(run(True))
-    c, e = statistics.median(cached), statistics.median(encoded)
-    return {"cached_tokens_per_sec": c, "encode_tokens_per_sec": e, "speedup": c / e, "cached_runs": cached,
-            "encode_runs": encoded, "batch_size": batch_size, "steps": steps, "repeats": repeats,
-            "tokens_per_sequence": T, "threads": torch.get_num_threads()}
+        for mode in modes:
+            runs[mode].append(run(mode))
+    med = {mode: statistics.median(r) for mode, r in runs.items()}
+    return {"cached_tokens_per_sec": med["cached"], "encode_tokens_per_sec": med["encode"],
+            "load_encode_tokens_per_sec": med["load_encode"], "speedup": med["cached"] / med["encode"],
+            "speedup_with_loading": med["cached"] / med["load_encode"], "runs": runs, "batch_size": batch_size,
+            "steps": steps, "repeats": repeats, "tokens_per_sequence": T, "threads": torch.get_num_threads(),
+            "vqgan_preset": vqgan_preset, "gpt_preset": gpt_preset}
 
 
 if __name__ == "__main__":

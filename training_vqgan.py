@@ -62,6 +62,9 @@ class TrainConfig(VQGANConfig):
     save_every: int = field(1000, "steps between periodic checkpoint copies (vqgan_last.pt is also kept current)")
     keep_checkpoints: int = field(3, "periodic checkpoint copies to keep (0: keep all)")
     resume: bool = field(False, "continue from <out-dir>/checkpoints/vqgan_last.pt at its exact step")
+    checkpoint_path: str = field("", "initialise from a VQGAN checkpoint (ours, .safetensors, or taming/"
+                                     "latent-diffusion .ckpt) and fine-tune; its architecture is used")
+    taming_config: str = field("", "the taming project.yaml for --checkpoint-path (default: found beside it)")
 
 
 # Training defaults per preset, on top of the architecture presets in vqgan.py.
@@ -271,6 +274,33 @@ class StopFlag:
             signal.signal(sig, old)
 
 
+def finetune_config(cfg, given: set):
+    """Architecture and weights of --checkpoint-path. Explicit architecture flags must agree with it,
+    except --image-size: the attention levels are kept by rescaling attn_resolutions with it."""
+    import taming_compat
+
+    arch, model_sd, disc_sd = taming_compat.load_any_vqgan_for_finetune(
+        cfg.checkpoint_path, cfg.taming_config or None)
+    values = utils.config_dict(arch)
+    conflicts = [k for k in given if k in values and k != "image_size" and k not in ("beta", "legacy_beta")
+                 and utils.config_dict(cfg)[k] != values[k]]
+    if conflicts:
+        diffs = ", ".join(f"{k}: checkpoint {values[k]!r} vs flag {utils.config_dict(cfg)[k]!r}" for k in conflicts)
+        raise UserError(f"--checkpoint-path fixes the architecture ({diffs}); drop those flags")
+    if "image_size" in given and cfg.image_size != arch.image_size:
+        scaled = [r * cfg.image_size / arch.image_size for r in arch.attn_resolutions]
+        if any(r != int(r) for r in scaled):
+            raise UserError(f"--image-size {cfg.image_size} does not keep the checkpoint's attention levels "
+                            f"(trained at {arch.image_size}); use a power-of-two multiple of it")
+        values.update(image_size=cfg.image_size, attn_resolutions=[int(r) for r in scaled])
+    for k in ("beta", "legacy_beta"):
+        if k in given:
+            values[k] = getattr(cfg, k)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged = {**{k: v for k, v in utils.config_dict(cfg).items()}, **{k: v for k, v in values.items() if k in fields}}
+    return TrainConfig(**merged), model_sd, disc_sd
+
+
 def resume_config(cfg, given: set, ckpt: dict) -> TrainConfig:
     """The saved run's config, updated with the flags given now; architecture changes are refused."""
     saved = ckpt["config"]
@@ -302,6 +332,9 @@ def main(argv=None):
         if ckpt.get("kind") != "vqgan":
             raise UserError(f"{last_path} is not a stage-one checkpoint (kind: {ckpt.get('kind')})")
         cfg = resume_config(cfg, given, ckpt)
+    init_model_sd = init_disc_sd = None
+    if cfg.checkpoint_path and ckpt is None:
+        cfg, init_model_sd, init_disc_sd = finetune_config(cfg, given)
 
     f = 2 ** (len(cfg.ch_mult) - 1)
     if cfg.image_size % f:
@@ -343,6 +376,15 @@ def main(argv=None):
 
     step, epoch, batch_in_epoch = 0, 0, 0
     logger = utils.RunLogger(out, "vqgan")
+    if init_model_sd is not None:
+        model.load_state_dict(init_model_sd)
+        if init_disc_sd is not None:
+            try:
+                disc.load_state_dict(init_disc_sd)
+            except RuntimeError:
+                logger.log("note: the checkpoint's discriminator does not fit --disc-ndf/--disc-layers; "
+                           "starting the discriminator from scratch")
+        logger.log(f"initialised from {cfg.checkpoint_path}")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         disc.load_state_dict(ckpt["discriminator"])

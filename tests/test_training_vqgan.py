@@ -195,3 +195,22 @@ def test_bad_flags(tmp_path, capsys):
         tv.main(ARGS + ["--image-size", "33", "--out-dir", str(tmp_path)])
     with pytest.raises(utils.UserError, match="batch-size"):
         tv.main(ARGS + ["--batch-size", "1000", "--out-dir", str(tmp_path)])
+
+
+def test_finetune_from_checkpoint(tmp_path):
+    src = tmp_path / "src"
+    tv.main(ARGS + ["--out-dir", str(src), "--max-steps", "1"])
+    src_ckpt = src / "checkpoints" / "vqgan_last.pt"
+    start = load_vqgan(src_ckpt).state_dict()
+    # fine-tune at a different crop size and learning rate; zero steps leaves the weights as loaded
+    dst = tmp_path / "dst"
+    tv.main(["--checkpoint-path", str(src_ckpt), "--out-dir", str(dst), "--image-size", "64",
+             "--perceptual-loss-factor", "0", "--max-steps", "1", "--learning-rate", "0", "--disc-start", "100",
+             "--num-workers", "0"])
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["image_size"] == 64 and cfg["attn_resolutions"] == [32] and cfg["ch"] == 32
+    tuned = load_vqgan(dst / "checkpoints" / "vqgan_last.pt").state_dict()
+    for k, v in start.items():
+        assert torch.equal(v, tuned[k]), k
+    with pytest.raises(utils.UserError, match="fixes the architecture"):
+        tv.main(["--checkpoint-path", str(src_ckpt), "--out-dir", str(dst), "--ch", "64"])

@@ -239,8 +239,10 @@ def resolve_vqgan_path(cfg: TrainConfig) -> Path:
     return Path(cfg.vqgan_path).expanduser() if cfg.vqgan_path else Path(cfg.out_dir) / "checkpoints" / "vqgan_last.pt"
 
 
-def load_stage_one(path: Path, device):
+def load_stage_one(path: Path, device, explicit: bool):
     """The frozen stage-one VQGAN, with errors that name the fix."""
+    if not path.is_file() and explicit:
+        raise UserError(f"--vqgan-path {path}: no such file; pass the vqgan_last.pt written by training_vqgan.py")
     if not path.is_file():
         raise UserError(f"no stage-one VQGAN checkpoint at {path}; train one first with "
                         f"`python training_vqgan.py --out-dir {path.parent.parent}` or pass --vqgan-path")
@@ -311,7 +313,7 @@ def main(argv=None):
         vqgan_path = Path(ckpt["config"].get("vqgan_path") or resolve_vqgan_path(cfg))
     else:
         vqgan_path = resolve_vqgan_path(cfg)
-        vqgan = load_stage_one(vqgan_path, device)
+        vqgan = load_stage_one(vqgan_path, device, explicit=bool(cfg.vqgan_path))
         model = VQGANTransformer(vqgan, transformer_config(cfg, len(class_names)), class_names).to(device)
     image_size = model.vqgan.config.image_size
 

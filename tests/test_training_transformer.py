@@ -145,6 +145,10 @@ def test_missing_stage_one_checkpoint_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "no stage-one VQGAN checkpoint" in err and "training_vqgan.py" in err
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(training_transformer.main, ["--preset", "tiny", "--out-dir", str(tmp_path),
+                                                   "--vqgan-path", str(tmp_path / "missing.pt")])
+    assert e.value.code == 2 and "--vqgan-path" in capsys.readouterr().err
 
 
 def test_incompatible_stage_one_checkpoint_is_a_clear_error(trained, tmp_path, capsys):

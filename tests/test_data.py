@@ -1,0 +1,190 @@
+"""Messy image folders: every mode converted right, every bad file skipped with one warning, files that
+turn bad after the scan replaced, an unusable folder a one-line error."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import training_vqgan
+import utils
+
+
+def save(img, path, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **kw)
+    return path
+
+
+def jpeg_bytes(size=(64, 48), seed=0):
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def good_files(root):
+    """One file per accepted kind, with the RGB colour load_image must give at pixel (0, 0) (None: any)."""
+    red, blue = (255, 0, 0), (0, 0, 255)
+    out = {}
+    out[save(Image.new("L", (40, 40), 128), root / "gray.jpg", quality=100)] = (128, 128, 128)
+    p = Image.new("P", (40, 40), 0)
+    p.putpalette([255, 0, 0] + [0, 255, 0] * 255)
+    p.info["transparency"] = 0  # palette entry 0 (red) is transparent -> white
+    out[save(p, root / "palette.png")] = (255, 255, 255)
+    out[save(Image.new("RGBA", (40, 40), (255, 0, 0, 0)), root / "rgba.png")] = (255, 255, 255)
+    out[save(Image.new("LA", (40, 40), (0, 0)), root / "sub" / "la.png")] = (255, 255, 255)
+    out[save(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), root / "cmyk.jpg", quality=100)] = red
+    sixteen = Image.fromarray(np.full((40, 40), 100 * 257, dtype=np.uint16))
+    assert sixteen.mode == "I;16"
+    out[save(sixteen, root / "gray16.png")] = (100, 100, 100)  # a fixed 65535 -> 255 scale, no stretch
+    # EXIF orientation 6 (stored rotated 90 degrees clockwise): 60x30 stored, 30x60 shown; the stored
+    # left half is red, so after the rotation the top half is red
+    rot = Image.new("RGB", (60, 30), blue)
+    rot.paste(red, (0, 0, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out[save(rot, root / "exif_rotated.jpg", exif=exif, quality=100)] = "rotated"
+    frames = [Image.new("RGB", (40, 40), c) for c in (red, (0, 255, 0))]
+    out[save(frames[0], root / "anim.gif", save_all=True, append_images=frames[1:])] = red
+    out[save(frames[0], root / "pages.tiff", save_all=True, append_images=frames[1:])] = red
+    out[save(Image.new("RGB", (8, 6), blue), root / "small.png")] = blue  # smaller than the crop
+    out[save(Image.new("RGB", (40, 40), blue), root / "photo.webp", lossless=True)] = blue
+    out[save(Image.new("RGB", (40, 40), blue), root / "bitmap.bmp")] = blue
+    return out
+
+
+def bad_files(root):
+    """One file per kind the scan must skip, with a word its reason must contain."""
+    bad = {}
+    (root / "empty.jpg").write_bytes(b"")
+    bad[root / "empty.jpg"] = "empty"
+    (root / "notes.png").write_text("not an image at all\n")
+    bad[root / "notes.png"] = "not an image"
+    data = jpeg_bytes()
+    (root / "cut.jpg").write_bytes(data[: len(data) // 2])
+    bad[root / "cut.jpg"] = "truncated"
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(png, "PNG")
+    (root / "sub" / "cut.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
+    bad[root / "sub" / "cut.png"] = "truncated"
+    gif = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64), dtype=np.uint8)).save(gif, "GIF")
+    (root / "cut.gif").write_bytes(gif.getvalue()[: len(gif.getvalue()) // 2])
+    bad[root / "cut.gif"] = "truncated"
+    # unreadable: tests run as root, where chmod 000 still reads, so a dangling link stands in for it
+    (root / "gone.jpg").symlink_to(root / "deleted-long-ago.jpg")
+    bad[root / "gone.jpg"] = "unreadable"
+    save(Image.new("RGB", (300, 300)), root / "huge.png")
+    bad[root / "huge.png"] = "MAX_IMAGE_PIXELS"
+    return bad
+
+
+@pytest.fixture
+def messy(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200 * 200)  # so huge.png needs no real 90M pixels
+    root = tmp_path / "messy"
+    good = good_files(root)
+    bad = bad_files(root)
+    save(Image.new("RGB", (40, 40)), root / ".hidden.jpg")
+    save(Image.new("RGB", (40, 40)), root / ".thumbnails" / "a.jpg")
+    (root / "readme.txt").write_text("not an image extension, not even looked at")
+    return root, good, bad
+
+
+def test_scan_keeps_every_usable_kind_and_skips_bad_files_with_one_warning(messy, capsys):
+    root, good, bad = messy
+    files = utils.find_images(root)
+    assert sorted(files) == sorted(good)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"skipped {len(bad)} of {len(good) + len(bad)}" in err[0]
+    assert "and 2 more" in err[0]  # the first five are named
+    for p, why in bad.items():
+        reason = utils.check_image(p)
+        assert reason is not None and why in reason, (p, reason)
+    assert "VQGAN_MAX_IMAGE_PIXELS" in utils.check_image(root / "huge.png")  # names the way out
+
+
+def test_every_mode_is_converted_right(messy):
+    _, good, _ = messy
+    for path, colour in good.items():
+        img = utils.load_image(path)
+        assert img.mode == "RGB", path
+        px = np.asarray(img).astype(int)
+        if colour == "rotated":
+            assert img.size == (30, 60)
+            assert px[5, 15, 0] > 200 and px[5, 15, 2] < 50  # top: red
+            assert px[55, 15, 2] > 200 and px[55, 15, 0] < 50  # bottom: blue
+            continue
+        assert np.abs(px[0, 0] - np.array(colour)).max() <= 3, (path.name, px[0, 0], colour)
+
+
+@pytest.mark.parametrize("mode,value,rgb", [
+    ("I;16B", 65535, (255, 255, 255)),
+    ("I", 257 * 10, (10, 10, 10)),
+    ("La", (0, 0), (255, 255, 255)),
+    ("PA", (0, 0), (255, 255, 255)),
+    ("RGBa", (0, 0, 0, 0), (255, 255, 255)),
+    ("1", 1, (255, 255, 255)),
+    ("YCbCr", (255, 128, 128), (255, 255, 255)),
+])
+def test_to_rgb_modes(mode, value, rgb):
+    out = utils.to_rgb(Image.new(mode, (4, 4), value))
+    assert out.mode == "RGB"
+    assert np.abs(np.asarray(out)[0, 0].astype(int) - np.array(rgb)).max() <= 2
+
+
+def test_dataset_upscales_small_images_and_replaces_files_that_turn_bad(messy, capsys):
+    root, good, _ = messy
+    files = utils.find_images(root)
+    capsys.readouterr()
+    ds = utils.ImageDataset(files, 32, train=True)
+    for i in range(len(ds)):
+        x, _ = ds[(i, i)]
+        assert x.shape == (3, 32, 32) and torch.isfinite(x).all() and -1 <= x.min() and x.max() <= 1
+    assert ds.num_failed == 0
+    # two files go bad after the scan: one truncated, one deleted
+    i_small = files.index(root / "small.png")
+    data = (root / "small.png").read_bytes()
+    (root / "small.png").write_bytes(data[:20])
+    i_gif = files.index(root / "anim.gif")
+    (root / "anim.gif").unlink()
+    x, _ = ds[(i_small, 0)]
+    assert x.shape == (3, 32, 32)
+    assert ds[i_gif][0].shape == (3, 32, 32)
+    assert ds[i_gif][0].shape == (3, 32, 32)  # the same bad file again: counted again, warned once
+    assert ds.num_failed == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "small.png" in err[0] and "anim.gif" in err[1]
+    assert "using" in err[0] and "(1 failed loads in process" in err[0] and "(2 failed loads" in err[1]
+    # the replacement is the next file, so the sample is that file's
+    nxt = utils.ImageDataset([files[i_small + 1]], 32, train=True)[(0, 0)][0]
+    assert torch.equal(x, nxt)
+
+
+def test_progress_bar_on_large_folders(tmp_path, monkeypatch, capsys):
+    for i in range(5):
+        save(Image.new("RGB", (8, 8)), tmp_path / f"{i}.png")
+    monkeypatch.setattr(utils, "SCAN_PROGRESS_MIN_FILES", 4)
+    assert len(utils.find_images(tmp_path)) == 5
+    assert "scanning images" in capsys.readouterr().err
+    monkeypatch.setattr(utils, "SCAN_PROGRESS_MIN_FILES", 5)
+    utils.find_images(tmp_path)
+    assert "scanning images" not in capsys.readouterr().err
+
+
+def test_folder_without_a_usable_image_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "b.png").write_text("hello")
+    data = jpeg_bytes()
+    (tmp_path / "c.jpg").write_bytes(data[:100])
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(training_vqgan.main, ["--preset", "tiny", "--perceptual-loss-factor", "0",
+                                             "--dataset-path", str(tmp_path), "--out-dir", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no usable image" in err and "empty file" in err
+    assert "Traceback" not in err

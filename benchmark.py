@@ -1,0 +1,299 @@
+"""Speed benchmark on whatever device is present: stage-one training, stage-two training, sampling.
+
+    python benchmark.py                                   # demo presets, auto device
+    python benchmark.py --preset f16 --image-size 256 --batch-size 8 --device cuda --json bench.json
+
+Measures, with random weights (speed does not depend on them):
+- stage one: VQGAN training steps (training_vqgan.generator_step, then discriminator_step once the
+  GAN is on) in images/s, before and after disc_start, with peak memory and FLOPs per step;
+- stage two: GPT training in tokens/s on cached codes vs encoding every batch
+  (training_transformer.benchmark_code_cache, on the demo photos);
+- sampling: tokens/s of mingpt.GPT.generate with the KV cache vs recomputing the whole prefix.
+
+Each measurement runs --warmup untimed rounds, then --repeats timed rounds of --steps steps; the
+pipelines being compared alternate within each round, so load from other processes hits them alike,
+and the table shows medians.
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated over the warm-up round (tensors only, not the
+allocator's cache). On the CPU, the process's peak resident set size (resource ru_maxrss) after the
+warm-up round: a high-water mark of the whole process, torch included, and monotonic, so a phase
+can only show a peak at least as high as the phase before it.
+
+FLOPs per step are counted once per phase with torch.utils.flop_counter.FlopCounterMode (matmuls
+and convolutions, forward and backward). Utilisation is achieved FLOP/s over the device's dense
+bf16/fp16 tensor peak, for the GPUs in DEVICE_PEAK_TFLOPS and bf16/fp16 precision only.
+"""
+
+import json
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import training_vqgan
+import utils
+from discriminator import Discriminator
+from mingpt import GPT, GPT_PRESETS
+from utils import UserError, field
+from vqgan import PRESETS as ARCH_PRESETS, VQGAN
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched
+# against torch.cuda.get_device_name in this order (the first substring that matches wins).
+DEVICE_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H200", 989.0),
+    ("H100", 989.0),   # SXM
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),    # the AWS part: lower clocks than the A10
+    ("A10", 125.0),
+    ("L4", 121.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+    ("V100", 125.0),   # fp16 only; no bf16
+)
+
+
+@dataclass
+class BenchConfig:
+    """What to measure."""
+    preset: str = field("demo", "stage-one preset (architecture + training defaults) of training_vqgan.py",
+                        choices=list(training_vqgan.TRAIN_PRESETS))
+    image_size: int = field(0, "stage-one image side (0: the preset's)")
+    batch_size: int = field(0, "stage-one images per step (0: the preset's)")
+    gpt_preset: str = field("demo", "stage-two GPT size (mingpt.GPT_PRESETS)", choices=list(GPT_PRESETS))
+    gpt_batch_size: int = field(16, "stage-two sequences per training step")
+    sample_batch_size: int = field(8, "sequences sampled at once")
+    device: str = field("auto", "auto, cpu, cuda, cuda:N or mps")
+    precision: str = field("auto", "auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16",
+                           choices=list(utils.PRECISIONS))
+    perceptual: bool = field(True, "include LPIPS in the stage-one step, as training does (needs VGG16 weights)")
+    steps: int = field(3, "steps per timed round")
+    warmup: int = field(1, "untimed rounds before timing")
+    repeats: int = field(5, "timed rounds; the table shows medians")
+    stage_one: bool = field(True, "measure stage-one training")
+    stage_two: bool = field(True, "measure stage-two training (cached codes vs encoding per batch)")
+    sampling: bool = field(True, "measure sampling (KV cache vs full recompute)")
+    json: str = field("", "also write the results to this JSON file")
+    seed: int = field(0, "random seed")
+
+
+def device_peak_tflops(device: torch.device, precision: str) -> float | None:
+    """Dense tensor peak of a known CUDA device for bf16/fp16, else None."""
+    if device.type != "cuda" or precision not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in DEVICE_PEAK_TFLOPS if key in name), None)
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10  # bytes on macOS, KiB on Linux
+
+
+def _reset_peak_memory(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _timed(fn, device) -> float:
+    """Seconds that fn() takes, the device synchronised before and after."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def measure(phases: dict, device, warmup: int, repeats: int, work_per_call: float) -> dict:
+    """Time each of phases {name: fn} -> {name: {"median", "runs", "peak_mem_mb"}} in units of
+    work_per_call / s. Warm-up calls run phase by phase (and give the peak memory), timed ones interleaved."""
+    out = {name: {"runs": []} for name in phases}
+    for name, fn in phases.items():
+        _reset_peak_memory(device)
+        for _ in range(max(warmup, 1)):
+            fn()
+        _sync(device)
+        out[name]["peak_mem_mb"] = _peak_memory_mb(device)
+    for _ in range(repeats):
+        for name, fn in phases.items():
+            out[name]["runs"].append(work_per_call / _timed(fn, device))
+    for r in out.values():
+        r["median"] = statistics.median(r["runs"])
+    return out
+
+
+# ----------------------------------------------------------------------------- the three benchmarks
+
+def bench_stage_one(cfg: BenchConfig, device, precision: str) -> dict:
+    """Stage-one training images/s before and after disc_start, peak memory, FLOPs per step."""
+    overrides = {"disc_start": 1, "disc_factor": 1.0}  # step 0: GAN off; step 1: GAN on
+    if cfg.image_size:
+        overrides["image_size"] = cfg.image_size
+    if cfg.batch_size:
+        overrides["batch_size"] = cfg.batch_size
+    tcfg = training_vqgan.TrainConfig(**{**training_vqgan.TRAIN_PRESETS[cfg.preset], **overrides})
+    f = 2 ** (len(tcfg.ch_mult) - 1)
+    if tcfg.image_size % f:
+        raise UserError(f"--image-size {tcfg.image_size} is not divisible by the downsampling factor {f}")
+    torch.manual_seed(cfg.seed)
+    model = VQGAN(training_vqgan.model_config(tcfg)).to(device).train()
+    disc = Discriminator(tcfg.in_channels, tcfg.disc_ndf, tcfg.disc_layers).to(device).train()
+    perceptual, note = None, "no LPIPS (--no-perceptual)"
+    if cfg.perceptual:
+        try:
+            perceptual = training_vqgan.build_perceptual(tcfg, device)
+            note = "with LPIPS"
+        except UserError as e:
+            note = f"no LPIPS: VGG16 weights not found ({str(e)[:60]}...)"
+    if perceptual is None:
+        tcfg.perceptual_loss_factor = 0.0
+    betas = (tcfg.beta1, tcfg.beta2)
+    opt_g = torch.optim.Adam(model.parameters(), lr=tcfg.learning_rate, betas=betas)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=tcfg.learning_rate, betas=betas)
+    scaler_g = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler_d = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    amp = utils.autocast(device, precision)
+    x = torch.rand(tcfg.batch_size, 3, tcfg.image_size, tcfg.image_size, device=device) * 2 - 1
+
+    def step(gan_on: bool):
+        g = training_vqgan.generator_step(model, disc, perceptual, x, int(gan_on), tcfg, opt_g, scaler_g, amp)
+        if g["disc_on"]:
+            training_vqgan.discriminator_step(disc, x, g["x_rec"], opt_d, scaler_d, amp, tcfg.disc_factor)
+
+    phases = {"before_disc_start": lambda: [step(False) for _ in range(cfg.steps)],
+              "after_disc_start": lambda: [step(True) for _ in range(cfg.steps)]}
+    res = measure(phases, device, cfg.warmup, cfg.repeats, cfg.steps * tcfg.batch_size)
+    peak = device_peak_tflops(device, precision)
+    for name, gan_on in (("before_disc_start", False), ("after_disc_start", True)):
+        r = res[name]
+        r["images_per_sec"] = r.pop("median")
+        r["flops_per_step"] = _flops(lambda: step(gan_on))
+        r["tflops_per_sec"] = r["flops_per_step"] * r["images_per_sec"] / tcfg.batch_size / 1e12
+        if peak is not None:
+            r["utilization"] = r["tflops_per_sec"] / peak
+    return {**res, "ratio_after_before": res["after_disc_start"]["images_per_sec"]
+            / res["before_disc_start"]["images_per_sec"], "batch_size": tcfg.batch_size,
+            "image_size": tcfg.image_size, "perceptual": note, "peak_tflops": peak}
+
+
+def bench_stage_two(cfg: BenchConfig, device) -> dict | None:
+    """training_transformer.benchmark_code_cache, when stage two provides it."""
+    try:
+        import training_transformer
+    except ImportError:
+        return None
+    if not hasattr(training_transformer, "benchmark_code_cache"):
+        return None
+    return training_transformer.benchmark_code_cache(
+        steps=cfg.steps, repeats=cfg.repeats, batch_size=cfg.gpt_batch_size, device=str(device),
+        seed=cfg.seed, vqgan_preset=cfg.preset, gpt_preset=cfg.gpt_preset)
+
+
+def bench_sampling(cfg: BenchConfig, device, precision: str) -> dict:
+    """Tokens/s of GPT.generate over a full code grid, with the KV cache and with full recompute."""
+    arch = ARCH_PRESETS[cfg.preset]
+    side = (cfg.image_size or arch["image_size"]) // 2 ** (len(arch["ch_mult"]) - 1)
+    tokens = side * side
+    torch.manual_seed(cfg.seed)
+    gpt = GPT(arch["num_codebook_vectors"] + 1, tokens, **GPT_PRESETS[cfg.gpt_preset]).to(device).eval()
+    start = torch.full((cfg.sample_batch_size, 1), arch["num_codebook_vectors"], dtype=torch.long, device=device)
+    amp = utils.autocast(device, precision)
+
+    def sample(use_cache: bool):
+        # the start token plus tokens - 1 fed-back codes fill the block exactly
+        with amp:
+            gpt.generate(start, tokens, use_cache=use_cache, generator=torch.Generator(device).manual_seed(0))
+
+    phases = {"kv_cache": lambda: sample(True), "full_recompute": lambda: sample(False)}
+    res = measure(phases, device, cfg.warmup, cfg.repeats, cfg.sample_batch_size * tokens)
+    for r in res.values():
+        r["tokens_per_sec"] = r.pop("median")
+    return {**res, "speedup": res["kv_cache"]["tokens_per_sec"] / res["full_recompute"]["tokens_per_sec"],
+            "tokens_per_sample": tokens, "batch_size": cfg.sample_batch_size}
+
+
+# ----------------------------------------------------------------------------- report
+
+def format_table(results: dict) -> str:
+    """Aligned table of the medians, with ratios, memory and FLOP/s where measured."""
+    rows = []  # (what, value, unit, extra)
+    s1 = results.get("stage_one")
+    if s1:
+        for name, label in (("before_disc_start", "before disc_start"), ("after_disc_start", "after disc_start")):
+            r = s1[name]
+            extra = f"peak {r['peak_mem_mb']:.0f} MiB, {r['flops_per_step'] / 1e9:.1f} GFLOP/step"
+            if "utilization" in r:
+                extra += f", {r['tflops_per_sec']:.1f} TFLOP/s = {100 * r['utilization']:.1f}% of peak"
+            rows.append((f"stage 1 train, {label}", r["images_per_sec"], "images/s", extra))
+        rows.append(("  after / before", s1["ratio_after_before"], "x", s1["perceptual"]))
+    s2 = results.get("stage_two")
+    if s2:
+        rows.append(("stage 2 train, cached codes", s2["cached_tokens_per_sec"], "tokens/s", ""))
+        rows.append(("stage 2 train, encode per batch", s2["encode_tokens_per_sec"], "tokens/s", ""))
+        if "load_encode_tokens_per_sec" in s2:
+            rows.append(("stage 2 train, load + encode", s2["load_encode_tokens_per_sec"], "tokens/s", ""))
+        rows.append(("  cached / encode", s2["speedup"], "x", ""))
+    sm = results.get("sampling")
+    if sm:
+        rows.append(("sampling, KV cache", sm["kv_cache"]["tokens_per_sec"], "tokens/s", ""))
+        rows.append(("sampling, full recompute", sm["full_recompute"]["tokens_per_sec"], "tokens/s", ""))
+        rows.append(("  cache / recompute", sm["speedup"], "x", ""))
+    w = max(len(r[0]) for r in rows) if rows else 10
+    lines = [f"{'benchmark':<{w}}  {'median':>10}  {'unit':<8}  notes", f"{'-' * w}  {'-' * 10}  {'-' * 8}  -----"]
+    lines += [f"{a:<{w}}  {b:>10.2f}  {c:<8}  {d}".rstrip() for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    cfg, _ = utils.parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
+    if min(cfg.steps, cfg.repeats, cfg.gpt_batch_size, cfg.sample_batch_size) < 1 or cfg.warmup < 0:
+        raise UserError("--steps, --repeats and the batch sizes must be at least 1, --warmup at least 0")
+    device = utils.resolve_device(cfg.device)
+    precision = utils.resolve_precision(cfg.precision, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    results = {"device": str(device), "device_name": name, "precision": precision, "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "preset": cfg.preset, "gpt_preset": cfg.gpt_preset,
+               "steps": cfg.steps, "warmup": cfg.warmup, "repeats": cfg.repeats}
+    print(f"benchmark on {name} ({device}, {precision}, {torch.get_num_threads()} CPU threads); "
+          f"preset {cfg.preset}, GPT {cfg.gpt_preset}; medians of {cfg.repeats} rounds of {cfg.steps} steps")
+    if cfg.stage_one:
+        results["stage_one"] = bench_stage_one(cfg, device, precision)
+    if cfg.stage_two:
+        results["stage_two"] = bench_stage_two(cfg, device)
+        if results["stage_two"] is None:
+            print("stage two skipped: training_transformer.benchmark_code_cache is not available", file=sys.stderr)
+    if cfg.sampling:
+        results["sampling"] = bench_sampling(cfg, device, precision)
+    print(format_table(results))
+    if cfg.json:
+        out = Path(cfg.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

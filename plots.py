@@ -39,8 +39,8 @@ _cache: dict[str, tuple[int, list[dict]]] = {}  # path -> (bytes parsed, records
 def _warn_once(what: str, err: Exception):
     if what not in _warned:
         _warned.add(what)
-        warnings.warn(f"plots.{what} failed (training goes on; later failures are not reported): {type(err).__name__}: {err}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(f"plots.{what} failed (training goes on; later failures are not reported): "
+                      f"{type(err).__name__}: {err}", RuntimeWarning, stacklevel=3)
 
 
 def read_metrics(path) -> list[dict]:

@@ -170,6 +170,7 @@ def test_kid_of_identical_sets_is_near_zero_and_positive_when_shifted():
 
 # ----------------------------------------------------------------------------- the FID network
 
+@pytest.mark.slow
 def test_fid_helper_inception_gives_pool3_features():
     """The real offline InceptionV3 (a few seconds on a CPU): 2048 non-negative pool3 features."""
     if evaluate.fid_helper_file() is None:

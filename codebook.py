@@ -118,6 +118,13 @@ class Codebook(nn.Module):
         """EMA code update and dead-code restarts; every rank ends with the same codebook."""
         if not (self.use_ema or self.restart_dead_codes):
             return
+        # A non-finite batch (the training step skips its update) must not write NaN into the codes
+        # through the EMA or a restart; all ranks skip together.
+        finite = torch.isfinite(z_e).all().float()
+        if _distributed():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() == 0:
+            return
         counts = torch.bincount(indices, minlength=self.num_codes).float()  # (K,)
         if self.use_ema:
             embed_sum = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, z_e)  # (K, d)

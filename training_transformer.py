@@ -435,7 +435,8 @@ def main(argv=None):
                 grid(f"transformer_epoch{epoch:04d}.png")
                 epoch += 1
                 batch_in_epoch = 0
-                save()
+                if bad_steps == 0:  # never overwrite the last good checkpoint inside a non-finite run
+                    save()
                 continue
             if batch_in_epoch >= steps_per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0

@@ -139,7 +139,9 @@ def generator_step(model, disc, perceptual, x, step: int, cfg, opt, scaler, amp)
         nll = cfg.rec_loss_factor * rec_loss + cfg.perceptual_loss_factor * p_loss
         g_loss = hinge_g_loss(disc(x_rec32).float()) if disc_on else x.new_zeros(())
     q_loss = cfg.codebook_weight * q_loss.float()
-    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+    # fp16: the loss scale as a tensor; scaler.scale() (not get_scale()) also creates the scaler's
+    # state on its first use, which unscale_ below needs
+    scale = scaler.scale(x.new_ones((), dtype=torch.float32)) if scaler.is_enabled() else 1.0
 
     lam = x.new_zeros(())
     if disc_on:
@@ -431,6 +433,9 @@ def main(argv=None):
             for x, _ in loader:
                 t0 = time.perf_counter()
                 x = x.to(device, non_blocking=True)
+                # BatchNorm running stats change in the forward passes, before a non-finite step is
+                # known and skipped; kept here so a NaN batch can't leave NaN in them
+                disc_stats = [b.detach().clone() for b in disc.buffers()]
                 g = generator_step(model, disc, perceptual, x, step, cfg, opt_g, scaler_g, amp)
                 d = (discriminator_step(disc, x, g["x_rec"], opt_d, scaler_d, amp, cfg.disc_factor)
                      if g["disc_on"] else {})
@@ -441,6 +446,9 @@ def main(argv=None):
                 batch_in_epoch += 1
                 bad_steps = 0 if g["finite"] else bad_steps + 1
                 if not g["finite"]:
+                    with torch.no_grad():
+                        for b, kept in zip(disc.buffers(), disc_stats):
+                            b.copy_(kept)
                     logger.log(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
                     if bad_steps >= 10:
                         raise UserError("10 consecutive non-finite steps; stopping. The last good checkpoint "
@@ -459,7 +467,9 @@ def main(argv=None):
                     logger.metrics(rec)
                 if step % cfg.sample_every == 0:
                     save_reconstructions(model, x_show, logger.results / f"rec_step{step:07d}.png", amp)
-                if step % cfg.save_every == 0:
+                # no saves inside a run of non-finite steps: if it reaches 10, the last good checkpoint
+                # is left exactly as it was
+                if step % cfg.save_every == 0 and bad_steps == 0:
                     save(tag_copy=True)
                 if step >= total_steps or stop.requested:
                     break
@@ -471,7 +481,8 @@ def main(argv=None):
                 save_reconstructions(model, x_show, logger.results / f"rec_epoch{epoch:04d}.png", amp)
                 epoch += 1
                 batch_in_epoch = 0
-                save(tag_copy=False)
+                if bad_steps == 0:
+                    save(tag_copy=False)
                 continue
             if batch_in_epoch >= steps_per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0

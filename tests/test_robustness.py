@@ -113,6 +113,16 @@ def test_sigterm_then_resume_equals_an_unbroken_run_transformer(runs, tmp_path):
     assert_same_losses(cut, straight, "transformer", ("loss", "grad_norm", "lr"))
 
 
+def test_stop_flag_first_signal_asks_second_ctrl_c_quits(capsys):
+    with tv.StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested  # the step finishes; the loop then saves and exits
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert "Ctrl-C again to quit at once" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored on exit
+
+
 # Runs training_vqgan.py with torch.save patched: once vqgan_last.pt exists, the next save of it writes
 # half its bytes into the temp file, touches $MARK and hangs there, for the test to SIGKILL it mid-write.
 SLOW_SAVE = """

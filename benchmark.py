@@ -51,11 +51,9 @@ DEVICE_PEAK_TFLOPS = (
     ("GH200", 989.0),
     ("A100", 312.0),
     ("L40S", 362.0),
-    ("A10G", 70.0),    # the AWS part: lower clocks than the A10
+    ("A10G", None),    # the AWS variant: no published tensor peak; keeps "A10" below from matching
     ("A10", 125.0),
     ("L4", 121.0),
-    ("RTX 4090", 165.0),
-    ("RTX 3090", 71.0),
     ("V100", 125.0),   # fp16 only; no bf16
 )
 

@@ -27,7 +27,12 @@ def _distributed() -> bool:
 
 def codebook_stats(indices: torch.Tensor, num_codes: int) -> tuple[float, float]:
     """Fraction of codes used and perplexity exp(H(p)) of the code histogram of `indices`."""
-    counts = torch.bincount(indices.flatten(), minlength=num_codes).double()
+    return stats_from_counts(torch.bincount(indices.flatten(), minlength=num_codes))
+
+
+def stats_from_counts(counts: torch.Tensor) -> tuple[float, float]:
+    """Fraction of codes used and perplexity from per-code counts (K,)."""
+    counts = counts.double()
     p = counts / counts.sum().clamp_min(1)
     usage = (counts > 0).double().mean().item()
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum().item()

@@ -23,8 +23,9 @@ from torch.nn.grad import conv2d_weight
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import plots
 import utils
-from codebook import codebook_stats
+from codebook import codebook_stats, stats_from_counts
 from discriminator import Discriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from utils import UserError, field
 from vqgan import PRESETS as ARCH_PRESETS, VQGAN, VQGANConfig
@@ -423,9 +424,27 @@ def main(argv=None):
             while cfg.keep_checkpoints > 0 and len(saved_copies) > cfg.keep_checkpoints:
                 saved_copies.pop(0).unlink(missing_ok=True)
 
+    def end_epoch():
+        """Validation, grids, plots and a checkpoint when an epoch has run to its end."""
+        nonlocal epoch, batch_in_epoch
+        val = evaluate_val(model, perceptual, val_loader, device, amp)
+        usage, ppl = stats_from_counts(epoch_counts)
+        val.update(epoch_codebook_usage=usage, epoch_perplexity=ppl)
+        logger.metrics({"step": step, "epoch": epoch, **val})
+        logger.log(f"(step={step:07d}) epoch {epoch} " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+        save_reconstructions(model, x_show, logger.results / f"rec_epoch{epoch:04d}.png", amp)
+        plots.update_plots(logger.results)
+        plots.plot_codebook_usage(epoch_counts.cpu().numpy(), logger.metrics_path, logger.results / "codebook_usage.png")
+        epoch_counts.zero_()
+        epoch, batch_in_epoch = epoch + 1, 0
+        if bad_steps == 0:
+            save(tag_copy=False)
+
     model.train()
     disc.train()
     bad_steps = 0
+    # codes chosen over the current epoch: the usage that matters (one batch holds too few vectors)
+    epoch_counts = torch.zeros(cfg.num_codebook_vectors, dtype=torch.long, device=device)
     pbar = tqdm(total=total_steps, initial=step, desc="vqgan", dynamic_ncols=True, disable=None)
     with StopFlag() as stop:
         while step < total_steps and not stop.requested:
@@ -454,6 +473,7 @@ def main(argv=None):
                         raise UserError("10 consecutive non-finite steps; stopping. The last good checkpoint "
                                         f"{last_path} is untouched; try a lower --learning-rate or --precision fp32")
                 usage, ppl = codebook_stats(g["indices"], cfg.num_codebook_vectors)
+                epoch_counts += torch.bincount(g["indices"].flatten(), minlength=cfg.num_codebook_vectors)
                 pbar.update(1)
                 pbar.set_postfix(rec=f"{g['rec_loss'].item():.3f}", p=f"{g['perceptual_loss'].item():.3f}",
                                  d=f"{d['d_loss'].item():.3f}" if d else "off", use=f"{usage:.2f}",
@@ -467,25 +487,16 @@ def main(argv=None):
                     logger.metrics(rec)
                 if step % cfg.sample_every == 0:
                     save_reconstructions(model, x_show, logger.results / f"rec_step{step:07d}.png", amp)
+                    plots.update_plots(logger.results)
                 # no saves inside a run of non-finite steps: if it reaches 10, the last good checkpoint
                 # is left exactly as it was
                 if step % cfg.save_every == 0 and bad_steps == 0:
                     save(tag_copy=True)
                 if step >= total_steps or stop.requested:
                     break
-            else:
-                # the epoch ran to its end
-                val = evaluate_val(model, perceptual, val_loader, device, amp)
-                logger.metrics({"step": step, "epoch": epoch, **val})
-                logger.log(f"(step={step:07d}) epoch {epoch} val: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-                save_reconstructions(model, x_show, logger.results / f"rec_epoch{epoch:04d}.png", amp)
-                epoch += 1
-                batch_in_epoch = 0
-                if bad_steps == 0:
-                    save(tag_copy=False)
-                continue
             if batch_in_epoch >= steps_per_epoch:
-                epoch, batch_in_epoch = epoch + 1, 0
+                end_epoch()
+                continue
             break
     pbar.close()
     save(tag_copy=False)

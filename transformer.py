@@ -244,23 +244,26 @@ def model_dict(model: VQGANTransformer) -> dict:
     }
 
 
-def build_from_checkpoint(ckpt: dict) -> VQGANTransformer:
-    """A VQGANTransformer (on the CPU, weights loaded) from a dict written by model_dict."""
+def build_from_checkpoint(ckpt: dict, use_ema: bool = False) -> VQGANTransformer:
+    """A VQGANTransformer (on the CPU, weights loaded) from a dict written by model_dict; with use_ema,
+    the EMA weights (`ema_model`, written by training with --ema-decay) when the checkpoint has them."""
     vq_fields = {f.name for f in dataclasses.fields(VQGANConfig)}
     tr_fields = {f.name for f in dataclasses.fields(TransformerConfig)}
     vqgan = VQGAN(VQGANConfig(**{k: v for k, v in ckpt["vqgan_config"].items() if k in vq_fields}))
     config = TransformerConfig(**{k: v for k, v in ckpt["transformer_config"].items() if k in tr_fields})
     model = VQGANTransformer(vqgan, config, ckpt.get("class_names") or None)
-    model.load_state_dict(ckpt["model"], strict=True)
+    state = ckpt["ema_model"] if use_ema and ckpt.get("ema_model") else ckpt["model"]
+    model.load_state_dict(state, strict=True)
     return model
 
 
 def load_transformer(path, device="cpu") -> VQGANTransformer:
-    """Load a checkpoint written by training_transformer.py into a ready eval-mode model on device."""
+    """Load a checkpoint written by training_transformer.py into a ready eval-mode model on device
+    (its EMA weights when it has them, as vqgan.load_vqgan does)."""
     from utils import load_checkpoint  # local import, as in vqgan.load_vqgan
 
     ckpt = load_checkpoint(path, map_location="cpu")
     if ckpt.get("kind") != "transformer" or "transformer_config" not in ckpt:
         raise ValueError(f"{path} is not a stage-two checkpoint (kind: {ckpt.get('kind', 'unknown')}); "
                          "pass the file written by training_transformer.py (checkpoints/transformer_last.pt)")
-    return build_from_checkpoint(ckpt).to(device).eval().requires_grad_(False)
+    return build_from_checkpoint(ckpt, use_ema=True).to(device).eval().requires_grad_(False)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import plots
 import utils
 from mingpt import GPT_PRESETS
 from training_vqgan import EpochBatchSampler, StopFlag
@@ -388,9 +389,12 @@ def main(argv=None):
         utils.save_checkpoint(state, last_path)
 
     def grid(name: str):
+        """The epoch grid, and the loss curves brought up to date with it."""
         if n_show > 0:
             save_transformer_grid(model, show_images, show_codes, show_labels, logger.results / name, cfg,
                                   cfg.seed)
+        if logger.enabled:
+            plots.update_plots(logger.results)
 
     model.train()
     bad_steps = 0

@@ -8,6 +8,7 @@ Writes <out-dir>/results/ (grids, metrics.jsonl), <out-dir>/checkpoints/vqgan_la
 config.json. Losses follow taming-transformers' VQLPIPSWithDiscriminator.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -20,12 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_weight
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import plots
 import utils
-from codebook import codebook_stats, stats_from_counts
+from codebook import stats_from_counts
 from discriminator import Discriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from utils import UserError, field
 from vqgan import PRESETS as ARCH_PRESETS, VQGAN, VQGANConfig
@@ -37,7 +39,11 @@ class TrainConfig(VQGANConfig):
     preset: str = field("demo", "named size: architecture + training defaults", choices=["tiny", "demo", "f16"])
     dataset_path: str = field("", "folder of images, searched recursively (default: the embedded demo photos)")
     out_dir: str = field(".", "run folder: results/, checkpoints/, log.txt and config.json go here")
-    batch_size: int = field(8, "images per step")
+    batch_size: int = field(8, "images per process per micro-step; global batch = batch-size x processes x "
+                               "grad-accum-steps (scale --learning-rate with it by hand)")
+    grad_accum_steps: int = field(1, "micro-batches whose gradients are summed into one optimizer step")
+    weight_ema_decay: float = field(0.0, "keep an EMA of the weights with this decay (e.g. 0.999), saved as "
+                                         "ema_model and used for grids, validation and load_vqgan (0: off)")
     epochs: int = field(100, "passes over the training split")
     max_steps: int = field(0, "stop after this many steps in total (0: no limit)")
     learning_rate: float = field(1e-4, "Adam learning rate, generator and discriminator")
@@ -91,29 +97,37 @@ class EpochBatchSampler:
 
     Each item is (index, augmentation seed), so crops and flips depend only on (seed, epoch, position),
     never on worker scheduling: a resumed run sees exactly the batches an uninterrupted one would.
-    Under DDP each rank takes every world_size-th sample of the same permutation.
+    Under DDP each rank takes every world_size-th sample of the same permutation (the shared seed
+    picks it), as DistributedSampler does with its per-epoch set_epoch reseeding and drop_last; unlike
+    it, this one can start at any sample of the epoch (`start_sample`), which is what a resume with
+    another number of processes, and so another global batch, needs.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, start_sample: int = 0):
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
-        self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
+        self.rank, self.world_size = rank, world_size
+        self.start = start_sample + start_batch * batch_size * world_size  # position in the permutation
 
     def __len__(self) -> int:
-        return self.n // (self.batch_size * self.world_size) - self.start_batch
+        return max(self.n - self.start, 0) // (self.batch_size * self.world_size)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
         aug = torch.randint(0, 2 ** 62, (self.n,), generator=g).tolist()
         per_step = self.batch_size * self.world_size
-        for b in range(self.start_batch, self.n // per_step):
-            chunk = range(b * per_step + self.rank, (b + 1) * per_step, self.world_size)
+        for b in range(len(self)):
+            base = self.start + b * per_step
+            chunk = range(base + self.rank, base + per_step, self.world_size)
             yield [(order[i], aug[i]) for i in chunk]
 
 
-def make_loader(dataset, cfg, epoch: int, start_batch: int = 0, rank: int = 0, world_size: int = 1):
-    sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, start_batch, rank, world_size)
+def make_loader(dataset, cfg, epoch: int, start_sample: int = 0, rank: int = 0, world_size: int = 1):
+    """This rank's batches of one epoch from its `start_sample`-th sample: batch-size x grad-accum-steps
+    images per step, split into micro-batches by the step functions."""
+    sampler = EpochBatchSampler(len(dataset), cfg.batch_size * cfg.grad_accum_steps, cfg.seed, epoch,
+                                rank=rank, world_size=world_size, start_sample=start_sample)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
                       pin_memory=torch.cuda.is_available(), worker_init_fn=utils.seed_worker,
                       persistent_workers=False)
@@ -124,6 +138,10 @@ def make_loader(dataset, cfg, epoch: int, start_batch: int = 0, rank: int = 0, w
 def generator_step(model, disc, perceptual, x, step: int, cfg, opt, scaler, amp) -> dict:
     """One generator (autoencoder) update; returns detached scalars for logging.
 
+    x: (K*B, 3, H, W) in [-1, 1], split into K = cfg.grad_accum_steps micro-batches whose gradients
+    add up to the mean loss of all of them; under DDP (`model`, `disc` wrapped) the gradients are
+    all-reduced once, after the last micro-batch.
+
     With the GAN on, the adaptive weight needs the gradients of the NLL and of the GAN loss at the
     decoder's last layer (taming's calculate_adaptive_weight). Rather than three backward passes
     through LPIPS and the discriminator, we take both gradients w.r.t. the reconstruction once,
@@ -132,65 +150,98 @@ def generator_step(model, disc, perceptual, x, step: int, cfg, opt, scaler, amp)
     """
     disc_on = cfg.disc_factor > 0 and step >= cfg.disc_start
     opt.zero_grad(set_to_none=True)
-    with amp:
+    chunks = x.chunk(cfg.grad_accum_steps)
+    parts = [_generator_backward(model, disc, perceptual, xm, cfg, scaler, amp, disc_on,
+                                 weight=1.0 / len(chunks), sync=i == len(chunks) - 1)
+             for i, xm in enumerate(chunks)]
+    out = {k: torch.stack([p[k] for p in parts]).mean() for k in
+           ("loss", "rec_loss", "perceptual_loss", "q_loss", "g_loss", "lambda")}
+
+    if scaler.is_enabled():
+        scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    # the gradients are all-reduced, so grad_norm agrees across ranks; the loss is per rank
+    finite = not utils.any_rank(not (bool(torch.isfinite(out["loss"])) and bool(torch.isfinite(grad_norm))))
+    if scaler.is_enabled():
+        scaler.step(opt)  # skips the update itself on inf/NaN gradients
+        scaler.update()
+    elif finite:
+        opt.step()
+    return {**out, "grad_norm": grad_norm.detach(), "finite": finite,
+            "x_rec": torch.cat([p["x_rec"] for p in parts]), "indices": torch.cat([p["indices"] for p in parts]),
+            "disc_on": disc_on}
+
+
+def _generator_backward(model, disc, perceptual, x, cfg, scaler, amp, disc_on: bool, weight: float,
+                        sync: bool) -> dict:
+    """Forward and backward of one micro-batch x: (B, 3, H, W) in [-1, 1]; gradients scaled by
+    `weight` (1/K) and added to .grad. Under DDP, `sync` False skips the all-reduce (no_sync)."""
+    net = utils.unwrap(model)
+    with utils.no_sync(model, sync), amp:
         x_rec, h_last, indices, q_loss = model(x, return_last_input=True)
         x_rec32 = x_rec.float()
         rec_loss = (x - x_rec32).abs().mean()
         p_loss = perceptual(x, x_rec32).mean() if perceptual is not None else x.new_zeros(())
         nll = cfg.rec_loss_factor * rec_loss + cfg.perceptual_loss_factor * p_loss
-        g_loss = hinge_g_loss(disc(x_rec32).float()) if disc_on else x.new_zeros(())
+        # The unwrapped discriminator: only input gradients are wanted here, and a DDP wrapper's
+        # forward would make its reducer wait for parameter gradients that never come.
+        g_loss = hinge_g_loss(utils.unwrap(disc)(x_rec32).float()) if disc_on else x.new_zeros(())
     q_loss = cfg.codebook_weight * q_loss.float()
     # fp16: the loss scale as a tensor; scaler.scale() (not get_scale()) also creates the scaler's
     # state on its first use, which unscale_ below needs
     scale = scaler.scale(x.new_ones((), dtype=torch.float32)) if scaler.is_enabled() else 1.0
 
     lam = x.new_zeros(())
-    if disc_on:
-        g_nll, = torch.autograd.grad(nll * scale, x_rec)
-        g_adv, = torch.autograd.grad(g_loss * scale, x_rec)
-        conv = model.decoder.conv_out
-        h = h_last.detach().float()
-        w_nll = conv2d_weight(h, conv.weight.shape, g_nll.float(), stride=1, padding=1)
-        w_adv = conv2d_weight(h, conv.weight.shape, g_adv.float(), stride=1, padding=1)
-        lam = adaptive_weight(w_nll, w_adv, cfg.disc_weight)
-        grad = g_nll + (cfg.disc_factor * lam).to(g_adv.dtype) * g_adv
-        torch.autograd.backward([x_rec, q_loss * scale], [grad, None])
-        loss = nll + cfg.disc_factor * lam * g_loss + q_loss
-    else:
-        loss = nll + q_loss
-        (loss * scale).backward()
-
-    if scaler.is_enabled():
-        scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-    finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
-    if scaler.is_enabled():
-        scaler.step(opt)  # skips the update itself on inf/NaN gradients
-        scaler.update()
-    elif finite:
-        opt.step()
+    with utils.no_sync(model, sync):
+        if disc_on:
+            g_nll, = torch.autograd.grad(nll * scale, x_rec)
+            g_adv, = torch.autograd.grad(g_loss * scale, x_rec)
+            conv = net.decoder.conv_out
+            h = h_last.detach().float()
+            w_nll = conv2d_weight(h, conv.weight.shape, g_nll.float(), stride=1, padding=1)
+            w_adv = conv2d_weight(h, conv.weight.shape, g_adv.float(), stride=1, padding=1)
+            # Under DDP, averaged over ranks: the last layer's gradients of the global micro-batch's
+            # loss, so lambda is the one-process lambda of that batch and the same on every rank
+            # (taming under Lightning DDP uses each rank's local lambda). With accumulation it is
+            # computed per micro-batch.
+            w_nll, w_adv = utils.all_reduce_(torch.stack([w_nll, w_adv]), mean=True)
+            lam = adaptive_weight(w_nll, w_adv, cfg.disc_weight)
+            grad = (g_nll + (cfg.disc_factor * lam).to(g_adv.dtype) * g_adv) * weight
+            torch.autograd.backward([x_rec, q_loss * (scale * weight)], [grad, None])
+            loss = nll + cfg.disc_factor * lam * g_loss + q_loss
+        else:
+            loss = nll + q_loss
+            (loss * (scale * weight)).backward()
     return {"loss": loss.detach(), "rec_loss": rec_loss.detach(), "perceptual_loss": p_loss.detach(),
             "q_loss": q_loss.detach(), "g_loss": g_loss.detach(), "lambda": lam.detach(),
-            "grad_norm": grad_norm.detach(), "finite": finite, "x_rec": x_rec.detach(),
-            "indices": indices, "disc_on": disc_on}
+            "x_rec": x_rec.detach(), "indices": indices}
 
 
-def discriminator_step(disc, x, x_rec, opt, scaler, amp, disc_factor: float) -> dict:
-    """One discriminator update on real images and detached reconstructions, with its own optimiser."""
+def discriminator_step(disc, x, x_rec, opt, scaler, amp, disc_factor: float, accum_steps: int = 1) -> dict:
+    """One discriminator update on real images and detached reconstructions, with its own optimiser.
+
+    x, x_rec: (K*B, 3, H, W) in [-1, 1], in K = accum_steps micro-batches as in generator_step. Its
+    BatchNorm layers normalise with each rank's own batch statistics (taming under Lightning DDP does
+    the same; SyncBatchNorm would add two all-gathers per forward and exists for CUDA only)."""
     opt.zero_grad(set_to_none=True)
-    with amp:
-        logits_real = disc(x.detach()).float()
-        logits_fake = disc(x_rec.detach()).float()
-        d_loss = disc_factor * hinge_d_loss(logits_real, logits_fake)
-    scaler.scale(d_loss).backward()
-    finite = bool(torch.isfinite(d_loss))
+    pairs = list(zip(x.chunk(accum_steps), x_rec.chunk(accum_steps)))
+    parts = []
+    for i, (xm, rm) in enumerate(pairs):
+        with utils.no_sync(disc, i == len(pairs) - 1):
+            with amp:
+                logits_real = disc(xm.detach()).float()
+                logits_fake = disc(rm.detach()).float()
+                d_loss = disc_factor * hinge_d_loss(logits_real, logits_fake)
+            scaler.scale(d_loss / len(pairs)).backward()
+        parts.append((d_loss.detach(), logits_real.mean().detach(), logits_fake.mean().detach()))
+    d_loss, logits_real, logits_fake = (torch.stack(t).mean() for t in zip(*parts))
+    finite = not utils.any_rank(not bool(torch.isfinite(d_loss)))
     if scaler.is_enabled():
         scaler.step(opt)
         scaler.update()
     elif finite:
         opt.step()
-    return {"d_loss": d_loss.detach(), "logits_real": logits_real.mean().detach(),
-            "logits_fake": logits_fake.mean().detach()}
+    return {"d_loss": d_loss, "logits_real": logits_real, "logits_fake": logits_fake}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -239,15 +290,26 @@ def save_reconstructions(model, x, path, amp):
     utils.save_grid([x, x_rec.float().clamp(-1, 1)], path)
 
 
-def checkpoint_dict(cfg, model, disc, opt_g, opt_d, scaler_g, scaler_d, step, epoch, batch_in_epoch):
-    return {
-        "kind": "vqgan", "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+def checkpoint_dict(cfg, model, disc, opt_g, opt_d, scaler_g, scaler_d, step, epoch, samples_in_epoch: int,
+                    global_batch: int, ema=None, rng_ranks=None):
+    """The stage-one checkpoint. `model`/`disc` are the unwrapped modules. The position in the epoch is
+    kept in samples (`samples_in_epoch`), so a resume with another global batch (another number of
+    processes) starts at the next unseen sample; `batch_in_epoch` counts steps of `global_batch`.
+    `rng` is rank 0's RNG state, `rng_ranks` those of ranks 1.. (for a resume on as many processes)."""
+    state = {
+        "kind": "vqgan", "step": step, "epoch": epoch, "batch_in_epoch": samples_in_epoch // global_batch,
+        "samples_in_epoch": samples_in_epoch, "global_batch": global_batch,
         "config": utils.config_dict(cfg), "model_config": utils.config_dict(model_config(cfg)),
         "model": model.state_dict(), "discriminator": disc.state_dict(),
         "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
         "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict(),
         "rng": utils.rng_state(), "torch_version": str(torch.__version__),
     }
+    if ema is not None:
+        state["ema_model"] = ema.state_dict()  # vqgan.load_vqgan prefers these weights
+    if rng_ranks:
+        state["rng_ranks"] = rng_ranks
+    return state
 
 
 class StopFlag:
@@ -343,26 +405,33 @@ def main(argv=None):
     if cfg.image_size % f:
         raise UserError(f"--image-size {cfg.image_size} is not divisible by the downsampling factor {f} "
                         f"(2**(len(ch_mult)-1)); try {max(f, cfg.image_size // f * f)}")
-    if cfg.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
+    if cfg.batch_size < 1 or cfg.grad_accum_steps < 1:
+        raise UserError("--batch-size and --grad-accum-steps must be at least 1")
+    if not 0.0 <= cfg.weight_ema_decay < 1.0:
+        raise UserError("--weight-ema-decay must be in [0, 1)")
 
-    device = utils.resolve_device(cfg.device)
+    # Under torchrun (RANK set) this joins the job: NCCL on cuda:LOCAL_RANK, else gloo.
+    dinfo, device = utils.setup_distributed(utils.resolve_device(cfg.device))
+    rank, world = dinfo.rank, dinfo.world_size
     precision = utils.resolve_precision(cfg.precision, device)
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("--precision bf16 is not supported on this GPU; use fp16 or fp32")
     amp = utils.autocast(device, precision)
-    utils.seed_everything(cfg.seed)
+    # per-rank RNG (dropout, restarts' picks); the data order comes from the shared cfg.seed
+    utils.seed_everything(cfg.seed + rank)
 
     data_root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else utils.DEMO_DATA
     files = utils.find_images(data_root)
     train_files, val_files = utils.split_files(files, cfg.val_fraction, cfg.seed)
-    if cfg.batch_size > len(train_files):
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(train_files)} training images "
-                        f"in {data_root}; lower --batch-size")
+    global_batch = cfg.batch_size * cfg.grad_accum_steps * world
+    if global_batch > len(train_files):
+        raise UserError(f"the global batch {global_batch} (--batch-size {cfg.batch_size} x --grad-accum-steps "
+                        f"{cfg.grad_accum_steps} x {world} processes) is larger than the {len(train_files)} "
+                        f"training images in {data_root}; lower --batch-size")
     train_set = utils.ImageDataset(train_files, cfg.image_size, train=True)
     val_set = utils.ImageDataset(val_files or train_files, cfg.image_size, train=False)
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
-    steps_per_epoch = len(train_set) // cfg.batch_size
+    steps_per_epoch = len(train_set) // global_batch
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps > 0:
         total_steps = min(total_steps, cfg.max_steps) if cfg.epochs > 0 else cfg.max_steps
@@ -377,8 +446,8 @@ def main(argv=None):
     scaler_g = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     scaler_d = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    step, epoch, batch_in_epoch = 0, 0, 0
-    logger = utils.RunLogger(out, "vqgan")
+    step, epoch, samples_in_epoch = 0, 0, 0
+    logger = utils.RunLogger(out, "vqgan", enabled=dinfo.is_main)
     if init_model_sd is not None:
         model.load_state_dict(init_model_sd)
         if init_disc_sd is not None:
@@ -395,27 +464,65 @@ def main(argv=None):
         opt_d.load_state_dict(ckpt["opt_d"])
         scaler_g.load_state_dict(ckpt["scaler_g"])
         scaler_d.load_state_dict(ckpt["scaler_d"])
-        step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        utils.set_rng_state(ckpt["rng"])
+        step, epoch = ckpt["step"], ckpt["epoch"]
+        saved_batch = ckpt.get("global_batch", ckpt["config"]["batch_size"])  # older files: one process
+        samples_in_epoch = ckpt.get("samples_in_epoch", ckpt["batch_in_epoch"] * saved_batch)
+        rng_ranks = ckpt.get("rng_ranks", [])
+        if rank == 0:
+            utils.set_rng_state(ckpt["rng"])
+        elif len(rng_ranks) == world - 1:
+            utils.set_rng_state(rng_ranks[rank - 1])
+        else:  # saved on another number of processes: a fresh per-rank stream
+            utils.seed_everything(cfg.seed + rank + 1_000_003 * step)
         logger.truncate_after(step)
-        logger.log(f"resumed from {last_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-        del ckpt
+        logger.log(f"resumed from {last_path} at step {step} (epoch {epoch}, sample {samples_in_epoch})")
+        if saved_batch != global_batch:
+            logger.log(f"note: the global batch changed from {saved_batch} to {global_batch}; steps from here "
+                       "count the new batch, and --learning-rate is not rescaled")
 
-    (out / "config.json").write_text(json.dumps(utils.config_dict(cfg), indent=2) + "\n")
+    # An EMA copy of the weights on rank 0, which alone evaluates, draws grids and saves.
+    ema = None
+    if cfg.weight_ema_decay > 0 and dinfo.is_main:
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
+        if ckpt is not None and "ema_model" in ckpt:
+            ema.load_state_dict(ckpt["ema_model"])
+    del ckpt
+    shown = ema if ema is not None else model  # what grids and validation use
+    # Every rank starts from rank 0's weights and buffers (codebook EMA statistics included).
+    utils.broadcast_module_state(model)
+    utils.broadcast_module_state(disc)
+    ddp_model, ddp_disc = model, disc
+    if world > 1:
+        # Separate wrappers: each optimiser's backward all-reduces its own module's gradients. All
+        # trainable parameters get gradients (an EMA codebook's vectors have requires_grad False),
+        # so find_unused_parameters stays False. No buffer broadcasts: codebook.py keeps the codebook
+        # identical itself, and the discriminator's BatchNorm statistics are per rank (rank 0's saved).
+        ddp_kw = dict(device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+        ddp_model = DistributedDataParallel(model, **ddp_kw)
+        ddp_disc = DistributedDataParallel(disc, **ddp_kw)
+
+    if dinfo.is_main:
+        (out / "config.json").write_text(json.dumps(utils.config_dict(cfg), indent=2) + "\n")
     n_params = sum(p.numel() for p in model.parameters())
     logger.log(f"config: {json.dumps(utils.config_dict(cfg))}")
     logger.log(f"device {device}, precision {precision}; {len(train_files)} train / {len(val_files)} val images "
                f"from {data_root}; VQGAN {n_params / 1e6:.2f}M params, latent grid "
                f"{cfg.image_size // f}x{cfg.image_size // f}, {cfg.num_codebook_vectors} codes; "
-               f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+               f"{steps_per_epoch} steps/epoch, {total_steps} steps; {world} process(es), global batch "
+               f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum_steps} accumulated x {world}")
     if total_steps <= step:
         logger.log(f"nothing to do: already at step {step} of {total_steps}")
 
-    x_show = torch.stack([val_set[i][0] for i in range(min(8, len(val_set)))]).to(device)
+    x_show = torch.stack([val_set[i][0] for i in range(min(8, len(val_set)))]).to(device) if dinfo.is_main else None
     saved_copies = sorted(ckpt_dir.glob("vqgan_step*.pt"))
 
     def save(tag_copy: bool):
-        state = checkpoint_dict(cfg, model, disc, opt_g, opt_d, scaler_g, scaler_d, step, epoch, batch_in_epoch)
+        """Every rank calls this (its RNG state is gathered); rank 0 alone writes."""
+        rng_ranks = utils.all_gather_objects(utils.rng_state())[1:]
+        if not dinfo.is_main:
+            return
+        state = checkpoint_dict(cfg, model, disc, opt_g, opt_d, scaler_g, scaler_d, step, epoch, samples_in_epoch,
+                                global_batch, ema, rng_ranks)
         utils.save_checkpoint(state, last_path)
         if tag_copy:
             copy = ckpt_dir / f"vqgan_step{step:07d}.pt"
@@ -425,44 +532,51 @@ def main(argv=None):
                 saved_copies.pop(0).unlink(missing_ok=True)
 
     def end_epoch():
-        """Validation, grids, plots and a checkpoint when an epoch has run to its end."""
-        nonlocal epoch, batch_in_epoch
-        val = evaluate_val(model, perceptual, val_loader, device, amp)
-        usage, ppl = stats_from_counts(epoch_counts)
-        val.update(epoch_codebook_usage=usage, epoch_perplexity=ppl)
-        logger.metrics({"step": step, "epoch": epoch, **val})
-        logger.log(f"(step={step:07d}) epoch {epoch} " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-        save_reconstructions(model, x_show, logger.results / f"rec_epoch{epoch:04d}.png", amp)
-        plots.update_plots(logger.results)
-        plots.plot_codebook_usage(epoch_counts.cpu().numpy(), logger.metrics_path, logger.results / "codebook_usage.png")
+        """Validation, grids, plots and a checkpoint when an epoch has run to its end (rank 0 evaluates)."""
+        nonlocal epoch, samples_in_epoch
+        utils.all_reduce_(epoch_counts)  # the codes every rank chose
+        if dinfo.is_main:
+            val = evaluate_val(shown, perceptual, val_loader, device, amp)
+            usage, ppl = stats_from_counts(epoch_counts)
+            val.update(epoch_codebook_usage=usage, epoch_perplexity=ppl)
+            logger.metrics({"step": step, "epoch": epoch, **val})
+            logger.log(f"(step={step:07d}) epoch {epoch} " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            save_reconstructions(shown, x_show, logger.results / f"rec_epoch{epoch:04d}.png", amp)
+            plots.update_plots(logger.results)
+            plots.plot_codebook_usage(epoch_counts.cpu().numpy(), logger.metrics_path,
+                                      logger.results / "codebook_usage.png")
         epoch_counts.zero_()
-        epoch, batch_in_epoch = epoch + 1, 0
+        epoch, samples_in_epoch = epoch + 1, 0
         if bad_steps == 0:
             save(tag_copy=False)
 
     model.train()
     disc.train()
     bad_steps = 0
+    stopping = False
     # codes chosen over the current epoch: the usage that matters (one batch holds too few vectors)
     epoch_counts = torch.zeros(cfg.num_codebook_vectors, dtype=torch.long, device=device)
-    pbar = tqdm(total=total_steps, initial=step, desc="vqgan", dynamic_ncols=True, disable=None)
+    pbar = tqdm(total=total_steps, initial=step, desc="vqgan", dynamic_ncols=True,
+                disable=None if dinfo.is_main else True)
     with StopFlag() as stop:
-        while step < total_steps and not stop.requested:
-            loader = make_loader(train_set, cfg, epoch, start_batch=batch_in_epoch)
+        while step < total_steps and not stopping:
+            loader = make_loader(train_set, cfg, epoch, samples_in_epoch, rank, world)
             for x, _ in loader:
                 t0 = time.perf_counter()
-                x = x.to(device, non_blocking=True)
+                x = x.to(device, non_blocking=True)  # (K*B, 3, H, W): this rank's share of the step
                 # BatchNorm running stats change in the forward passes, before a non-finite step is
                 # known and skipped; kept here so a NaN batch can't leave NaN in them
                 disc_stats = [b.detach().clone() for b in disc.buffers()]
-                g = generator_step(model, disc, perceptual, x, step, cfg, opt_g, scaler_g, amp)
-                d = (discriminator_step(disc, x, g["x_rec"], opt_d, scaler_d, amp, cfg.disc_factor)
-                     if g["disc_on"] else {})
+                g = generator_step(ddp_model, ddp_disc, perceptual, x, step, cfg, opt_g, scaler_g, amp)
+                d = (discriminator_step(ddp_disc, x, g["x_rec"], opt_d, scaler_d, amp, cfg.disc_factor,
+                                        cfg.grad_accum_steps) if g["disc_on"] else {})
+                if ema is not None and g["finite"]:
+                    utils.ema_update(ema, model, cfg.weight_ema_decay)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
                 step += 1
-                batch_in_epoch += 1
+                samples_in_epoch += global_batch
                 bad_steps = 0 if g["finite"] else bad_steps + 1
                 if not g["finite"]:
                     with torch.no_grad():
@@ -472,42 +586,49 @@ def main(argv=None):
                     if bad_steps >= 10:
                         raise UserError("10 consecutive non-finite steps; stopping. The last good checkpoint "
                                         f"{last_path} is untouched; try a lower --learning-rate or --precision fp32")
-                usage, ppl = codebook_stats(g["indices"], cfg.num_codebook_vectors)
-                epoch_counts += torch.bincount(g["indices"].flatten(), minlength=cfg.num_codebook_vectors)
+                counts = torch.bincount(g["indices"].flatten(), minlength=cfg.num_codebook_vectors)
+                epoch_counts += counts
+                usage, ppl = stats_from_counts(counts)
                 pbar.update(1)
                 pbar.set_postfix(rec=f"{g['rec_loss'].item():.3f}", p=f"{g['perceptual_loss'].item():.3f}",
                                  d=f"{d['d_loss'].item():.3f}" if d else "off", use=f"{usage:.2f}",
-                                 ips=f"{len(x) / dt:.1f}")
+                                 ips=f"{global_batch / dt:.1f}")
                 if step % cfg.log_every == 0 or step == total_steps:
-                    rec = {"step": step, "epoch": epoch, **{k: float(v) for k, v in g.items()
-                           if k not in ("x_rec", "indices", "disc_on", "finite")},
-                           **{k: float(v) for k, v in d.items()}, "disc_factor": cfg.disc_factor if g["disc_on"] else 0.0,
-                           "codebook_usage": usage, "perplexity": ppl, "step_time": dt,
-                           "images_per_sec": len(x) / dt, "lr": cfg.learning_rate}
-                    logger.metrics(rec)
-                if step % cfg.sample_every == 0:
-                    save_reconstructions(model, x_show, logger.results / f"rec_step{step:07d}.png", amp)
+                    # every rank takes part: losses averaged over ranks, code usage over the global batch
+                    usage, ppl = stats_from_counts(utils.all_reduce_(counts))
+                    rec = utils.all_reduce_mean(
+                        {**{k: v for k, v in g.items() if k not in ("x_rec", "indices", "disc_on", "finite")},
+                         **d, "step_time": dt})
+                    logger.metrics({"step": step, "epoch": epoch, **rec,
+                                    "disc_factor": cfg.disc_factor if g["disc_on"] else 0.0,
+                                    "codebook_usage": usage, "perplexity": ppl,
+                                    "images_per_sec": global_batch / rec["step_time"], "lr": cfg.learning_rate})
+                if step % cfg.sample_every == 0 and dinfo.is_main:
+                    save_reconstructions(shown, x_show, logger.results / f"rec_step{step:07d}.png", amp)
                     plots.update_plots(logger.results)
                 # no saves inside a run of non-finite steps: if it reaches 10, the last good checkpoint
                 # is left exactly as it was
                 if step % cfg.save_every == 0 and bad_steps == 0:
                     save(tag_copy=True)
-                if step >= total_steps or stop.requested:
+                # a signal may reach the ranks at different steps: they all stop at the first one's
+                stopping = utils.any_rank(stop.requested)
+                if step >= total_steps or stopping:
                     break
-            if batch_in_epoch >= steps_per_epoch:
+            if samples_in_epoch + global_batch > len(train_set):  # no full step left in this epoch
                 end_epoch()
                 continue
             break
     pbar.close()
     save(tag_copy=False)
-    if stop.requested:
+    if stopping:
         logger.log(f"stopped at step {step}; checkpoint saved to {last_path}. "
                    f"Resume with: python training_vqgan.py --out-dir {cfg.out_dir} --resume")
-    else:
-        save_reconstructions(model, x_show, logger.results / "rec_final.png", amp)
+    elif dinfo.is_main:
+        save_reconstructions(shown, x_show, logger.results / "rec_final.png", amp)
         logger.log(f"done: {step} steps; checkpoint {last_path}, grids and metrics in {logger.results}")
-    return {"step": step, "checkpoint": str(last_path)}
-
+    utils.cleanup_distributed()
+    # the trained modules (unwrapped) are returned for callers such as tests; the checkpoint is the record
+    return {"step": step, "checkpoint": str(last_path), "model": model, "discriminator": disc, "ema": ema}
 
 if __name__ == "__main__":
     utils.run_main(main)

@@ -44,6 +44,8 @@ def run_main(main_fn, argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        cleanup_distributed()  # a torchrun process that stops on an error still leaves its group cleanly
 
 
 # ----------------------------------------------------------------------------- images
@@ -525,15 +527,22 @@ def setup_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
+    global _OWNS_GROUP
+    _OWNS_GROUP = True
     return DistInfo(rank, local_rank, world_size, owner=True), device
 
 
-def cleanup_distributed(info: DistInfo):
-    """End the process group that setup_distributed started (no-op otherwise)."""
+_OWNS_GROUP = False  # setup_distributed started the process group, so cleanup_distributed ends it
+
+
+def cleanup_distributed():
+    """End the process group that setup_distributed started (no-op otherwise, e.g. a test's own group)."""
     import torch.distributed as dist
 
-    if info.owner and dist.is_initialized():
+    global _OWNS_GROUP
+    if _OWNS_GROUP and dist.is_initialized():
         dist.destroy_process_group()
+    _OWNS_GROUP = False
 
 
 def _dist():
@@ -554,6 +563,18 @@ def barrier():
     """Wait for every rank (no-op in one process)."""
     if (dist := _dist()) is not None:
         dist.barrier()
+
+
+def all_reduce_(t: torch.Tensor, mean: bool = False) -> torch.Tensor:
+    """Sum (or average) t over ranks, in place; t unchanged in one process."""
+    if (dist := _dist()) is None:
+        return t
+    x = t.to(_comm_device(t.device))
+    dist.all_reduce(x)
+    if mean:
+        x = x / dist.get_world_size()
+    t.copy_(x)
+    return t
 
 
 def all_reduce_mean(values: dict) -> dict:

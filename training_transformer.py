@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -52,7 +53,11 @@ class TrainConfig:
                                 "what training_vqgan.py writes)")
     dataset_path: str = field("", "folder of images, searched recursively (default: the embedded demo photos)")
     out_dir: str = field(".", "run folder: results/, checkpoints/, cache/, log.txt and config.json go here")
-    batch_size: int = field(16, "code sequences per step")
+    batch_size: int = field(16, "code sequences per process per micro-step; global batch = batch-size x "
+                                "processes x grad-accum-steps (scale --learning-rate with it by hand)")
+    grad_accum_steps: int = field(1, "micro-batches whose gradients are summed into one optimizer step")
+    weight_ema_decay: float = field(0.0, "keep an EMA of the GPT's weights with this decay (e.g. 0.999), saved "
+                                         "as ema_model and used for grids, validation and load_transformer (0: off)")
     epochs: int = field(30, "passes over the cached codes (every image x every augmentation)")
     max_steps: int = field(0, "stop after this many steps in total (0: no limit); the learning-rate "
                               "schedule still spans --epochs, or --max-steps when --epochs is 0")
@@ -158,39 +163,61 @@ def load_or_encode_codes(model, files, image_size, cfg, cache_dir: Path, device,
     them once."""
     key = cache_key(weights_digest(model.vqgan), files, image_size, cfg.num_augmentations)
     path = cache_dir / f"codes_{key}.pt"
+    cached_codes = None
     if path.is_file():
         try:
             cached = torch.load(path, map_location="cpu", weights_only=True)
             if cached.get("key") == key:
-                logger.log(f"reusing cached codes {path}")
-                return cached["codes"]
+                cached_codes = cached["codes"]
         except Exception as e:  # a damaged cache only costs one more encoding pass
             logger.log(f"warning: ignoring unreadable code cache {path}: {str(e).splitlines()[0]}")
+    # under DDP the cache is used only when every rank could read it; otherwise all encode together
+    if not utils.any_rank(cached_codes is None):
+        logger.log(f"reusing cached codes {path}")
+        return cached_codes
     t0 = time.perf_counter()
-    codes = encode_dataset(model, files, image_size, cfg.num_augmentations, cfg.batch_size,
+    # Under DDP each rank encodes a contiguous block of the files; the blocks are gathered once, in
+    # rank order (= file order), and rank 0 writes the cache while the others wait.
+    rank, world = utils.rank_world()
+    lo, hi = rank * len(files) // world, (rank + 1) * len(files) // world
+    codes = encode_dataset(model, files[lo:hi], image_size, cfg.num_augmentations, cfg.batch_size,
                            cfg.num_workers, device, amp)
+    codes = utils.all_gather_rows(codes.to(device)).cpu()  # (N, A, h*w)
     codes = codes.to(torch.int16 if model.num_codes <= 2 ** 15 else torch.int32)  # 4x smaller than int64
-    utils.save_checkpoint({"key": key, "codes": codes, "files": [str(p) for p in files],
-                           "image_size": image_size, "num_augmentations": cfg.num_augmentations}, path)
+    if rank == 0:
+        utils.save_checkpoint({"key": key, "codes": codes, "files": [str(p) for p in files],
+                               "image_size": image_size, "num_augmentations": cfg.num_augmentations}, path)
+    utils.barrier()
     logger.log(f"encoded {len(files)} images x {cfg.num_augmentations} views in "
-               f"{time.perf_counter() - t0:.1f}s; cached codes to {path}")
+               f"{time.perf_counter() - t0:.1f}s" + (f" on {world} processes" if world > 1 else "")
+               + f"; cached codes to {path}")
     return codes
 
 
 # ----------------------------------------------------------------------------- steps and evaluation
 
-def train_step(model, codes, labels, opt, scaler, amp, grad_clip: float) -> dict:
-    """One GPT update on codes (B, h*w) (labels (B,) or None); returns detached scalars."""
+def train_step(model, codes, labels, opt, scaler, amp, grad_clip: float, accum_steps: int = 1) -> dict:
+    """One GPT update on codes (K*B, h*w) (labels (K*B,) or None) in K = accum_steps micro-batches,
+    their gradients summed; under DDP (`model` wrapped) all-reduced once, after the last. Returns
+    detached scalars."""
     opt.zero_grad(set_to_none=True)
-    with amp:
-        logits, targets = model(codes, labels)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-    scaler.scale(loss).backward()
+    chunks = codes.chunk(accum_steps)
+    label_chunks = labels.chunk(accum_steps) if labels is not None else [None] * len(chunks)
+    losses = []
+    for i, (c, y) in enumerate(zip(chunks, label_chunks)):
+        with utils.no_sync(model, i == len(chunks) - 1):
+            with amp:
+                logits, targets = model(c, y)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+            scaler.scale(loss / len(chunks)).backward()
+        losses.append(loss.detach())
+    loss = torch.stack(losses).mean()
     if scaler.is_enabled():
         scaler.unscale_(opt)
-    params = model.gpt.parameters()
+    params = utils.unwrap(model).gpt.parameters()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+    # the gradients are all-reduced, so grad_norm agrees across ranks; the loss is per rank
+    finite = not utils.any_rank(not (bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))))
     if scaler.is_enabled():
         scaler.step(opt)  # skips the update itself on inf/NaN gradients
         scaler.update()
@@ -283,14 +310,18 @@ def main(argv=None):
         if ckpt.get("kind") != "transformer":
             raise UserError(f"{last_path} is not a stage-two checkpoint (kind: {ckpt.get('kind')})")
         cfg = resume_config(cfg, given, ckpt)
-    if cfg.batch_size < 1 or cfg.num_augmentations < 1:
-        raise UserError("--batch-size and --num-augmentations must be at least 1")
+    if cfg.batch_size < 1 or cfg.num_augmentations < 1 or cfg.grad_accum_steps < 1:
+        raise UserError("--batch-size, --num-augmentations and --grad-accum-steps must be at least 1")
+    if not 0.0 <= cfg.weight_ema_decay < 1.0:
+        raise UserError("--weight-ema-decay must be in [0, 1)")
     if not 0.0 < cfg.pkeep <= 1.0 or not 0.0 <= cfg.cfg_dropout < 1.0:
         raise UserError("--pkeep must be in (0, 1] and --cfg-dropout in [0, 1)")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
 
-    device = utils.resolve_device(cfg.device)
+    # Under torchrun (RANK set) this joins the job: NCCL on cuda:LOCAL_RANK, else gloo.
+    dinfo, device = utils.setup_distributed(utils.resolve_device(cfg.device))
+    rank, world = dinfo.rank, dinfo.world_size
     precision = utils.resolve_precision(cfg.precision, device)
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("--precision bf16 is not supported on this GPU; use fp16 or fp32")
@@ -318,12 +349,13 @@ def main(argv=None):
         model = VQGANTransformer(vqgan, transformer_config(cfg, len(class_names)), class_names).to(device)
     image_size = model.vqgan.config.image_size
 
-    logger = utils.RunLogger(out, "transformer")
+    logger = utils.RunLogger(out, "transformer", enabled=dinfo.is_main)
     cache = load_or_encode_codes(model, files, image_size, cfg, out / "cache", device, amp, logger)
     codes_all = cache.to(device)  # (N, A, T), kept in int16/int32; batches become int64 when used
     # Encoding draws from the global RNG (DataLoader seeds) only on a cache miss: reseed, so training
-    # is the same whether or not the codes came from the cache.
-    utils.seed_everything(cfg.seed)
+    # is the same whether or not the codes came from the cache. Per rank (pkeep corruption, class-token
+    # dropout, dropout); the data order comes from the shared cfg.seed.
+    utils.seed_everything(cfg.seed + rank)
     # split by index, with the same helper and seed as stage one's image split
     train_idx, val_idx = utils.split_files(list(range(len(files))), cfg.val_fraction, cfg.seed)
     train_idx, val_idx = torch.tensor(train_idx), torch.tensor(val_idx or train_idx)
@@ -337,10 +369,12 @@ def main(argv=None):
     else:
         train_labels = val_labels = None
 
-    if cfg.batch_size > len(train_codes):
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(train_codes)} cached training "
-                        "sequences; lower --batch-size or raise --num-augmentations")
-    steps_per_epoch = len(train_codes) // cfg.batch_size
+    global_batch = cfg.batch_size * cfg.grad_accum_steps * world
+    if global_batch > len(train_codes):
+        raise UserError(f"the global batch {global_batch} (--batch-size {cfg.batch_size} x --grad-accum-steps "
+                        f"{cfg.grad_accum_steps} x {world} processes) is larger than the {len(train_codes)} cached "
+                        "training sequences; lower --batch-size or raise --num-augmentations")
+    steps_per_epoch = len(train_codes) // global_batch
     # The schedule spans --epochs (or --max-steps with --epochs 0); --max-steps alone only stops
     # early, so a run stopped there and resumed follows the same learning rates as an unbroken one.
     schedule_steps = cfg.epochs * steps_per_epoch if cfg.epochs > 0 else cfg.max_steps
@@ -349,32 +383,62 @@ def main(argv=None):
     opt = model.gpt.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
     # GradScaler only for fp16 (bf16 and fp32 need none)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step, epoch, batch_in_epoch = 0, 0, 0
+    step, epoch, samples_in_epoch = 0, 0, 0
+    # An EMA copy of the GPT on rank 0 (which alone evaluates, draws grids and saves); it shares the
+    # frozen VQGAN, so ema.state_dict() is a whole model's state.
+    ema = None
+    if cfg.weight_ema_decay > 0 and dinfo.is_main:
+        ema = VQGANTransformer(model.vqgan, model.config, model.class_names).to(device)
+        ema.gpt.load_state_dict(model.gpt.state_dict())
+        ema.eval().requires_grad_(False)
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        utils.set_rng_state(ckpt["rng"])
+        step, epoch = ckpt["step"], ckpt["epoch"]
+        saved_batch = ckpt.get("global_batch", ckpt["config"]["batch_size"])  # older files: one process
+        samples_in_epoch = ckpt.get("samples_in_epoch", ckpt["batch_in_epoch"] * saved_batch)
+        rng_ranks = ckpt.get("rng_ranks", [])
+        if rank == 0:
+            utils.set_rng_state(ckpt["rng"])
+        elif len(rng_ranks) == world - 1:
+            utils.set_rng_state(rng_ranks[rank - 1])
+        else:  # saved on another number of processes: a fresh per-rank stream
+            utils.seed_everything(cfg.seed + rank + 1_000_003 * step)
+        if ema is not None and ckpt.get("ema_model"):
+            ema.load_state_dict(ckpt["ema_model"])
         logger.truncate_after(step)
-        logger.log(f"resumed from {last_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+        logger.log(f"resumed from {last_path} at step {step} (epoch {epoch}, sample {samples_in_epoch})")
+        if saved_batch != global_batch:
+            logger.log(f"note: the global batch changed from {saved_batch} to {global_batch}; steps from here "
+                       "count the new batch, and --learning-rate is not rescaled")
         del ckpt
+    shown = ema if ema is not None else model  # what grids and validation use
+    utils.broadcast_module_state(model)  # every rank starts from rank 0's GPT
+    ddp_model = model
+    if world > 1:
+        # The frozen VQGAN's parameters need no gradients, so DDP leaves them out of its reducer;
+        # the GPT's all get gradients, so find_unused_parameters stays False.
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                            forward_sync_buffers=False)
 
     cfg = dataclasses.replace(cfg, vqgan_path=str(vqgan_path))
-    (out / "config.json").write_text(json.dumps(utils.config_dict(cfg), indent=2) + "\n")
+    if dinfo.is_main:
+        (out / "config.json").write_text(json.dumps(utils.config_dict(cfg), indent=2) + "\n")
     logger.log(f"config: {json.dumps(utils.config_dict(cfg))}")
     h, w = model.latent_hw
     logger.log(f"device {device}, precision {precision}; stage one {vqgan_path} ({image_size}px, latent grid "
                f"{h}x{w}, {model.num_codes} codes); {len(train_idx)} train / {len(val_idx)} val images x {A} views "
                f"from {data_root}" + (f"; {len(class_names)} classes" if cfg.conditional else "")
                + f"; GPT {model.gpt.num_params() / 1e6:.2f}M params, vocab {model.vocab_size}; "
-               f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+               f"{steps_per_epoch} steps/epoch, {total_steps} steps; {world} process(es), global batch "
+               f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum_steps} accumulated x {world}")
     if cfg.conditional and len(class_names) < 2:
         logger.log(f"warning: --conditional, but {data_root} has {len(class_names)} class "
                    "(first-level subfolders); the class token carries no information")
     if total_steps <= step:
         logger.log(f"nothing to do: already at step {step} of {total_steps}")
 
-    n_show = min(cfg.num_grid_images, len(val_idx))
+    n_show = min(cfg.num_grid_images, len(val_idx)) if dinfo.is_main else 0
     if n_show > 0:
         show_set = utils.ImageDataset([files[i] for i in val_idx[:n_show].tolist()], image_size, train=False)
         show_images = torch.stack([show_set[j][0] for j in range(n_show)])  # (n, 3, S, S), the centre crops
@@ -382,26 +446,54 @@ def main(argv=None):
         show_labels = val_labels[:n_show] if val_labels is not None else None
 
     def save():
-        state = {**model_dict(model), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+        """Every rank calls this (its RNG state is gathered); rank 0 alone writes. The position in the
+        epoch is kept in samples, so a resume on another number of processes continues at the next one."""
+        rng_ranks = utils.all_gather_objects(utils.rng_state())[1:]
+        if not dinfo.is_main:
+            return
+        state = {**model_dict(model), "step": step, "epoch": epoch,
+                 "batch_in_epoch": samples_in_epoch // global_batch, "samples_in_epoch": samples_in_epoch,
+                 "global_batch": global_batch,
                  "config": utils.config_dict(cfg), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                  "lr": lr_at(step, cfg, schedule_steps), "rng": utils.rng_state(),
                  "torch_version": str(torch.__version__)}
+        if ema is not None:
+            state["ema_model"] = ema.state_dict()  # transformer.load_transformer prefers these weights
+        if rng_ranks:
+            state["rng_ranks"] = rng_ranks
         utils.save_checkpoint(state, last_path)
 
     def grid(name: str):
         """The epoch grid, and the loss curves brought up to date with it."""
         if n_show > 0:
-            save_transformer_grid(model, show_images, show_codes, show_labels, logger.results / name, cfg,
+            save_transformer_grid(shown, show_images, show_codes, show_labels, logger.results / name, cfg,
                                   cfg.seed)
         if logger.enabled:
             plots.update_plots(logger.results)
 
+    def end_epoch():
+        """Validation (rank 0), the grid and a checkpoint when an epoch has run to its end."""
+        nonlocal epoch, samples_in_epoch
+        if dinfo.is_main:
+            val_bpt = evaluate_bits_per_token(shown, val_codes, val_labels, cfg.batch_size, amp)
+            logger.metrics({"step": step, "epoch": epoch, "val_bits_per_token": val_bpt})
+            logger.log(f"(step={step:07d}) epoch {epoch} val: {val_bpt:.4f} bits/token")
+            grid(f"transformer_epoch{epoch:04d}.png")
+        epoch, samples_in_epoch = epoch + 1, 0
+        if bad_steps == 0:  # never overwrite the last good checkpoint inside a non-finite run
+            save()
+
     model.train()
     bad_steps = 0
-    pbar = tqdm(total=total_steps, initial=step, desc="transformer", dynamic_ncols=True, disable=None)
+    stopping = False
+    per_rank = cfg.batch_size * cfg.grad_accum_steps
+    pbar = tqdm(total=total_steps, initial=step, desc="transformer", dynamic_ncols=True,
+                disable=None if dinfo.is_main else True)
     with StopFlag() as stop:
-        while step < total_steps and not stop.requested:
-            sampler = EpochBatchSampler(len(train_codes), cfg.batch_size, cfg.seed, epoch, start_batch=batch_in_epoch)
+        while step < total_steps and not stopping:
+            # this rank's share of each step, from the shared seed's permutation (see EpochBatchSampler)
+            sampler = EpochBatchSampler(len(train_codes), per_rank, cfg.seed, epoch, rank=rank, world_size=world,
+                                        start_sample=samples_in_epoch)
             for batch in sampler:
                 t0 = time.perf_counter()
                 rows = torch.tensor([i for i, _ in batch], device=device)
@@ -409,54 +501,53 @@ def main(argv=None):
                 lr = lr_at(step, cfg, schedule_steps)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                r = train_step(model, train_codes[rows].long(), y, opt, scaler, amp, cfg.grad_clip)
+                r = train_step(ddp_model, train_codes[rows].long(), y, opt, scaler, amp, cfg.grad_clip,
+                               cfg.grad_accum_steps)
+                if ema is not None and r["finite"]:
+                    utils.ema_update(ema.gpt, model.gpt, cfg.weight_ema_decay)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
                 step += 1
-                batch_in_epoch += 1
+                samples_in_epoch += global_batch
                 bad_steps = 0 if r["finite"] else bad_steps + 1
                 if not r["finite"]:
                     logger.log(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
                     if bad_steps >= 10:
                         raise UserError("10 consecutive non-finite steps; stopping. The last good checkpoint "
                                         f"{last_path} is untouched; try a lower --learning-rate or --precision fp32")
-                tok_s = len(rows) * T / dt
+                tok_s = global_batch * T / dt
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{r['loss'].item():.3f}", tok_s=f"{tok_s:.0f}")
                 if step % cfg.log_every == 0 or step == total_steps:
-                    logger.metrics({"step": step, "epoch": epoch, "loss": r["loss"].item(),
-                                    "bits_per_token": r["loss"].item() / math.log(2),
-                                    "grad_norm": r["grad_norm"].item(), "lr": lr, "step_time": dt,
-                                    "tokens_per_sec": tok_s})
-                if step >= total_steps or stop.requested:
+                    # every rank takes part: averaged over ranks
+                    m = utils.all_reduce_mean({"loss": r["loss"], "grad_norm": r["grad_norm"], "step_time": dt})
+                    logger.metrics({"step": step, "epoch": epoch, "loss": m["loss"],
+                                    "bits_per_token": m["loss"] / math.log(2),
+                                    "grad_norm": m["grad_norm"], "lr": lr, "step_time": m["step_time"],
+                                    "tokens_per_sec": global_batch * T / m["step_time"]})
+                # a signal may reach the ranks at different steps: they all stop at the first one's
+                stopping = utils.any_rank(stop.requested)
+                if step >= total_steps or stopping:
                     break
-            else:
-                # the epoch ran to its end
-                val_bpt = evaluate_bits_per_token(model, val_codes, val_labels, cfg.batch_size, amp)
-                logger.metrics({"step": step, "epoch": epoch, "val_bits_per_token": val_bpt})
-                logger.log(f"(step={step:07d}) epoch {epoch} val: {val_bpt:.4f} bits/token")
-                grid(f"transformer_epoch{epoch:04d}.png")
-                epoch += 1
-                batch_in_epoch = 0
-                if bad_steps == 0:  # never overwrite the last good checkpoint inside a non-finite run
-                    save()
+            if samples_in_epoch + global_batch > len(train_codes):  # no full step left in this epoch
+                end_epoch()
                 continue
-            if batch_in_epoch >= steps_per_epoch:
-                epoch, batch_in_epoch = epoch + 1, 0
             break
     pbar.close()
     save()
-    if stop.requested:
+    if stopping:
         logger.log(f"stopped at step {step}; checkpoint saved to {last_path}. "
                    f"Resume with: python training_transformer.py --out-dir {cfg.out_dir} --resume")
-    else:
-        val_bpt = evaluate_bits_per_token(model, val_codes, val_labels, cfg.batch_size, amp)
+    elif dinfo.is_main:
+        val_bpt = evaluate_bits_per_token(shown, val_codes, val_labels, cfg.batch_size, amp)
         logger.metrics({"step": step, "epoch": epoch, "val_bits_per_token": val_bpt})
         grid("transformer_final.png")
         logger.log(f"done: {step} steps, val {val_bpt:.4f} bits/token; checkpoint {last_path}, "
                    f"grids and metrics in {logger.results}")
-    return {"step": step, "checkpoint": str(last_path)}
+    utils.cleanup_distributed()
+    # the trained model (unwrapped) is returned for callers such as tests; the checkpoint is the record
+    return {"step": step, "checkpoint": str(last_path), "model": model, "ema": ema}
 
 
 # ----------------------------------------------------------------------------- benchmark

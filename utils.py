@@ -552,6 +552,13 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the running process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
 def _comm_device(like: torch.device) -> torch.device:
     """NCCL only moves CUDA tensors; gloo only CPU ones."""
     import torch.distributed as dist

@@ -117,19 +117,21 @@ def lr_at(step: int, cfg: TrainConfig, schedule_steps: int) -> float:
 
 class AugmentedImages(Dataset):
     """Item i: (A, 3, S, S) in [-1, 1], the centre crop of image i followed by A-1 seeded random
-    crops/flips. The seeds depend only on (i, view), so the same files give the same views."""
+    crops/flips. The seeds depend only on (first_index + i, view), so the same files give the same views,
+    also when a rank encodes the block of them that starts at first_index."""
 
-    def __init__(self, files, image_size: int, num_augmentations: int):
+    def __init__(self, files, image_size: int, num_augmentations: int, first_index: int = 0):
         self.centre = utils.ImageDataset(files, image_size, train=False)
         self.random = utils.ImageDataset(files, image_size, train=True)
-        self.num_augmentations = num_augmentations
+        self.num_augmentations, self.first_index = num_augmentations, first_index
 
     def __len__(self) -> int:
         return len(self.centre)
 
     def __getitem__(self, i):
         views = [self.centre[i][0]]
-        views += [self.random[(i, i * 1_000_003 + a)][0] for a in range(1, self.num_augmentations)]
+        k = self.first_index + i  # the file's index in the whole list
+        views += [self.random[(i, k * 1_000_003 + a)][0] for a in range(1, self.num_augmentations)]
         return torch.stack(views)  # (A, 3, S, S)
 
 
@@ -145,9 +147,10 @@ def cache_key(vqgan_digest: str, files: list[Path], image_size: int, num_augment
 
 @torch.no_grad()
 def encode_dataset(model: VQGANTransformer, files, image_size: int, num_augmentations: int, batch_size: int,
-                   num_workers: int, device, amp) -> torch.Tensor:
-    """Codes of every view of every file: (N, A, h*w) int64, in file order."""
-    loader = DataLoader(AugmentedImages(files, image_size, num_augmentations), batch_size=batch_size,
+                   num_workers: int, device, amp, first_index: int = 0) -> torch.Tensor:
+    """Codes of every view of every file: (N, A, h*w) int64, in file order (`files` may be the block of
+    a longer list that starts at first_index)."""
+    loader = DataLoader(AugmentedImages(files, image_size, num_augmentations, first_index), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers)
     chunks = []
     for views in tqdm(loader, desc="encoding", dynamic_ncols=True, disable=None, leave=False):
@@ -181,7 +184,7 @@ def load_or_encode_codes(model, files, image_size, cfg, cache_dir: Path, device,
     rank, world = utils.rank_world()
     lo, hi = rank * len(files) // world, (rank + 1) * len(files) // world
     codes = encode_dataset(model, files[lo:hi], image_size, cfg.num_augmentations, cfg.batch_size,
-                           cfg.num_workers, device, amp)
+                           cfg.num_workers, device, amp, first_index=lo)
     codes = utils.all_gather_rows(codes.to(device)).cpu()  # (N, A, h*w)
     codes = codes.to(torch.int16 if model.num_codes <= 2 ** 15 else torch.int32)  # 4x smaller than int64
     if rank == 0:

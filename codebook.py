@@ -77,9 +77,9 @@ class Codebook(nn.Module):
             self.ema_embed_sum.copy_(self.embedding.weight.detach())
             self.ema_cluster_size.fill_(1.0)
 
-    def codes(self) -> torch.Tensor:
+    def codes(self, copy: bool = False) -> torch.Tensor:
         """The code vectors in lookup space, (K, codebook_dim), l2-normalised when enabled."""
-        w = self.embedding.weight
+        w = self.embedding.weight.clone() if copy else self.embedding.weight
         return F.normalize(w, dim=-1) if self.l2_normalize else w
 
     def _project_in(self, z_flat: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,9 @@ class Codebook(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             z_flat = z.float().permute(0, 2, 3, 1).reshape(-1, D)  # (N, D), N = B*h*w
             z_e = self._project_in(z_flat)  # (N, d)
-            codes = self.codes().float()  # (K, d)
+            # A copy: EMA updates and dead-code restarts rewrite the weight in place after this forward,
+            # and backward must still see the codes this forward used.
+            codes = self.codes(copy=self.training).float()  # (K, d)
             dist2 = (z_e.pow(2).sum(1, keepdim=True) - 2 * z_e @ codes.t()
                      + codes.pow(2).sum(1)[None, :])  # (N, K)
             indices = dist2.argmin(dim=1)  # (N,)

@@ -104,6 +104,25 @@ def test_decode_indices_equals_decode(opts):
         torch.testing.assert_close(model.decode_indices(idx), model.decode(z_q), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("opts", [
+    dict(restart_dead_codes=True, dead_code_steps=1), dict(ema_codebook=True),
+    dict(ema_codebook=True, restart_dead_codes=True, dead_code_steps=1),
+    dict(l2_normalize_codes=True, restart_dead_codes=True, dead_code_steps=1),
+    dict(l2_normalize_codes=True, codebook_dim=4, restart_dead_codes=True, dead_code_steps=1)])
+def test_training_steps_with_in_place_codebook_updates(opts):
+    """EMA updates and restarts rewrite the codes during forward; backward must still work."""
+    torch.manual_seed(0)
+    model = VQGAN(tiny(**opts)).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = model.quantize.embedding.weight.detach().clone()
+    for _ in range(3):
+        x_rec, _, q = model(torch.rand(2, 3, 32, 32) * 2 - 1)
+        opt.zero_grad()
+        ((x_rec ** 2).mean() + q).backward()
+        opt.step()
+    assert not torch.equal(before, model.quantize.embedding.weight)
+
+
 def test_nearest_code_and_index_order():
     cb = Codebook(5, 3)
     z = torch.randn(2, 3, 4, 6)

@@ -11,7 +11,6 @@ config.json. Losses follow taming-transformers' VQLPIPSWithDiscriminator.
 import copy
 import dataclasses
 import json
-import math
 import signal
 import sys
 import time
@@ -19,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.grad import conv2d_weight
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader

@@ -21,14 +21,6 @@ from mingpt import (  # noqa: E402
 VOCAB, BLOCK = 64, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run this module on one thread: on tiny tensors OpenMP's sync costs more than it saves."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_gpt(seed=0, **kw):
     """A tiny eval-mode GPT with a fixed seed."""

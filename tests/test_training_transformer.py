@@ -16,14 +16,6 @@ from vqgan import VQGAN, load_vqgan
 TINY = ["--preset", "tiny", "--num-augmentations", "2", "--batch-size", "8", "--log-every", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def stage_one(tmp_path_factory):

@@ -47,7 +47,6 @@ def test_discriminator_loss_never_reaches_generator():
     for n in before:
         assert torch.equal(before[n], after[n]), n
     # ...and the discriminator's parameters got no gradient from the generator step
-    opt_d_b = torch.optim.Adam(disc_b.parameters(), lr=1e-3)
     opt_g_b = torch.optim.Adam(model_b.parameters(), lr=1e-3)
     tv.generator_step(model_b, disc_b, perceptual, x, 0, cfg, opt_g_b, scaler, AMP)
     assert all(p.grad is None for p in disc_b.parameters())

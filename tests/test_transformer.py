@@ -9,14 +9,6 @@ from utils import save_checkpoint
 from vqgan import VQGAN, config_from_preset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_model(image_size=16, **kw) -> VQGANTransformer:
     """A random tiny VQGAN (16px -> 8x8 = 64 tokens, 64 codes) and a tiny GPT."""

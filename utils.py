@@ -302,7 +302,8 @@ def build_parser(cls, description: str) -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         helptext = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        helptext = f"{helptext} (default: {default})" if helptext else f"(default: {default})"
+        if "(default" not in helptext:  # help that explains its own default keeps it
+            helptext = f"{helptext} (default: {default})" if helptext else f"(default: {default})"
         helptext = helptext.replace("%", "%%")
         kw = dict(help=helptext, dest=f.name)
         if "choices" in f.metadata:

@@ -374,8 +374,9 @@ def main(argv=None):
 
     global_batch = cfg.batch_size * cfg.grad_accum_steps * world
     if global_batch > len(train_codes):
-        raise UserError(f"the global batch {global_batch} (--batch-size {cfg.batch_size} x --grad-accum-steps "
-                        f"{cfg.grad_accum_steps} x {world} processes) is larger than the {len(train_codes)} cached "
+        product = (f" x --grad-accum-steps {cfg.grad_accum_steps} x {world} processes = {global_batch}"
+                   if global_batch != cfg.batch_size else "")
+        raise UserError(f"--batch-size {cfg.batch_size}{product} is larger than the {len(train_codes)} cached "
                         "training sequences; lower --batch-size or raise --num-augmentations")
     steps_per_epoch = len(train_codes) // global_batch
     # The schedule spans --epochs (or --max-steps with --epochs 0); --max-steps alone only stops

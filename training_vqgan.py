@@ -423,8 +423,9 @@ def main(argv=None):
     train_files, val_files = utils.split_files(files, cfg.val_fraction, cfg.seed)
     global_batch = cfg.batch_size * cfg.grad_accum_steps * world
     if global_batch > len(train_files):
-        raise UserError(f"the global batch {global_batch} (--batch-size {cfg.batch_size} x --grad-accum-steps "
-                        f"{cfg.grad_accum_steps} x {world} processes) is larger than the {len(train_files)} "
+        product = (f" x --grad-accum-steps {cfg.grad_accum_steps} x {world} processes = {global_batch}"
+                   if global_batch != cfg.batch_size else "")
+        raise UserError(f"--batch-size {cfg.batch_size}{product} is larger than the {len(train_files)} "
                         f"training images in {data_root}; lower --batch-size")
     train_set = utils.ImageDataset(train_files, cfg.image_size, train=True)
     val_set = utils.ImageDataset(val_files or train_files, cfg.image_size, train=False)

@@ -35,6 +35,12 @@ from vqgan import PRESETS as ARCH_PRESETS, VQGAN, VQGANConfig
 class TrainConfig(VQGANConfig):
     """Stage-one hyperparameters. Architecture fields come from VQGANConfig; presets set both."""
     preset: str = field("demo", "named size: architecture + training defaults", choices=["tiny", "demo", "f16"])
+    # Against codebook collapse, chosen by measurement on the demo photos (README, "Codebook"): plain
+    # taming codes fell to 4% of the codebook used per epoch within 27 steps; cosine codes with restarts
+    # kept about 90%. --no-l2-normalize-codes --no-restart-dead-codes --legacy-beta is taming's recipe.
+    l2_normalize_codes: bool = field(True, "cosine (l2-normalised) code lookup")
+    restart_dead_codes: bool = field(True, "restart codes unused for --dead-code-steps steps at recent encoder outputs")
+    dead_code_steps: int = field(10, "steps without use after which a code counts as dead")
     dataset_path: str = field("", "folder of images, searched recursively (default: the embedded demo photos)")
     out_dir: str = field(".", "run folder: results/, checkpoints/, log.txt and config.json go here")
     batch_size: int = field(8, "images per process per micro-step; global batch = batch-size x processes x "
@@ -42,12 +48,12 @@ class TrainConfig(VQGANConfig):
     grad_accum_steps: int = field(1, "micro-batches whose gradients are summed into one optimizer step")
     weight_ema_decay: float = field(0.0, "keep an EMA of the weights with this decay (e.g. 0.999), saved as "
                                          "ema_model and used for grids, validation and load_vqgan (0: off)")
-    epochs: int = field(100, "passes over the training split")
+    epochs: int = field(50, "passes over the training split")
     max_steps: int = field(0, "stop after this many steps in total (0: no limit)")
     learning_rate: float = field(1e-4, "Adam learning rate, generator and discriminator")
     beta1: float = field(0.5, "Adam beta1")
     beta2: float = field(0.9, "Adam beta2")
-    disc_start: int = field(2000, "step at which the discriminator and GAN loss switch on")
+    disc_start: int = field(250, "step at which the discriminator and GAN loss switch on")
     disc_factor: float = field(1.0, "weight of the GAN terms once on (0 turns the discriminator off)")
     disc_weight: float = field(0.8, "scale on the adaptive weight lambda (taming's disc_weight)")
     disc_ndf: int = field(64, "discriminator base channels")
@@ -78,7 +84,8 @@ TRAIN_PRESETS: dict[str, dict] = {
              "sample_every": 2, "save_every": 2, "num_workers": 0},
     "demo": {**ARCH_PRESETS["demo"]},
     # taming's custom_vqgan/imagenet settings: lr 4.5e-6 per image, disc_weight 0.8
-    "f16": {**ARCH_PRESETS["f16"], "batch_size": 12, "learning_rate": 4.5e-6 * 12, "disc_start": 10000},
+    "f16": {**ARCH_PRESETS["f16"], "batch_size": 12, "learning_rate": 4.5e-6 * 12, "epochs": 100,
+            "disc_start": 10000},
 }
 
 ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(VQGANConfig))
@@ -337,6 +344,10 @@ class StopFlag:
             signal.signal(sig, old)
 
 
+# Model-config fields that only shape training, so fine-tuning may change them.
+FINETUNE_FREE = ("beta", "legacy_beta", "dropout", "restart_dead_codes", "dead_code_steps", "ema_decay")
+
+
 def finetune_config(cfg, given: set):
     """Architecture and weights of --checkpoint-path. Explicit architecture flags must agree with it,
     except --image-size: the attention levels are kept by rescaling attn_resolutions with it."""
@@ -345,7 +356,7 @@ def finetune_config(cfg, given: set):
     arch, model_sd, disc_sd = taming_compat.load_any_vqgan_for_finetune(
         cfg.checkpoint_path, cfg.taming_config or None)
     values = utils.config_dict(arch)
-    conflicts = [k for k in given if k in values and k != "image_size" and k not in ("beta", "legacy_beta")
+    conflicts = [k for k in given if k in values and k != "image_size" and k not in FINETUNE_FREE
                  and utils.config_dict(cfg)[k] != values[k]]
     if conflicts:
         diffs = ", ".join(f"{k}: checkpoint {values[k]!r} vs flag {utils.config_dict(cfg)[k]!r}" for k in conflicts)
@@ -356,7 +367,7 @@ def finetune_config(cfg, given: set):
             raise UserError(f"--image-size {cfg.image_size} does not keep the checkpoint's attention levels "
                             f"(trained at {arch.image_size}); use a power-of-two multiple of it")
         values.update(image_size=cfg.image_size, attn_resolutions=[int(r) for r in scaled])
-    for k in ("beta", "legacy_beta"):
+    for k in FINETUNE_FREE:
         if k in given:
             values[k] = getattr(cfg, k)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -448,7 +459,11 @@ def main(argv=None):
     step, epoch, samples_in_epoch = 0, 0, 0
     logger = utils.RunLogger(out, "vqgan", enabled=dinfo.is_main)
     if init_model_sd is not None:
-        model.load_state_dict(init_model_sd)
+        # dead-code restart bookkeeping exists only when restarts are on; it may differ from the source's
+        own = model.state_dict()
+        init_sd = {k: v for k, v in init_model_sd.items() if k in own or not k.endswith("steps_since_used")}
+        init_sd.update({k: v for k, v in own.items() if k.endswith("steps_since_used") and k not in init_sd})
+        model.load_state_dict(init_sd)
         if init_disc_sd is not None:
             try:
                 disc.load_state_dict(init_disc_sd)

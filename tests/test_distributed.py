@@ -23,7 +23,7 @@ VQ = ["--preset", "tiny", "--perceptual-loss-factor", "0", "--num-workers", "0",
       "--sample-every", "1000", "--save-every", "1000"]
 GPT = ["--preset", "tiny", "--num-augmentations", "2", "--num-grid-images", "0", "--num-workers", "0"]
 # one step with the GAN off: the discriminator's BatchNorm uses per-rank batch statistics by design
-VQ_EQ = VQ + ["--max-steps", "1", "--disc-start", "100"]
+VQ_EQ = VQ + ["--max-steps", "1", "--disc-start", "100", "--no-restart-dead-codes"]  # restarts pick from rank 0 only
 GPT_EQ = GPT + ["--max-steps", "1", "--pkeep", "1"]  # pkeep < 1 draws per-rank random tokens
 
 

@@ -45,7 +45,7 @@ class TrainConfig:
     preset: str = field("demo", "named size: GPT + training defaults", choices=list(GPT_PRESETS))
     n_layer: int = field(4, "transformer blocks")
     n_head: int = field(4, "attention heads")
-    n_embd: int = field(256, "embedding width")
+    n_embd: int = field(128, "embedding width")
     embd_pdrop: float = field(0.0, "dropout on token + position embeddings")
     resid_pdrop: float = field(0.0, "dropout on residual branches")
     attn_pdrop: float = field(0.0, "dropout on attention weights")
@@ -561,7 +561,7 @@ def benchmark_code_cache(steps: int = 5, repeats: int = 5, batch_size: int = 16,
                          gpt_preset: str = "demo") -> dict:
     """GPT training throughput on cached codes vs encoding every batch through the VQGAN encoder.
 
-    By default both use the `demo` presets (VQGAN 64px -> 8x8 codes, GPT 4x4x256; `vqgan_preset`
+    By default both use the `demo` presets (VQGAN 64px -> 8x8 codes, GPT 4x4x128; `vqgan_preset`
     names a vqgan.PRESETS entry, `gpt_preset` a mingpt.GPT_PRESETS one), with random weights. Three
     pipelines, each `steps` training steps on batches of the demo photos:
       cached:      index the pre-encoded codes, as main() does;

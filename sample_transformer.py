@@ -22,7 +22,7 @@ from utils import UserError, field
 
 @dataclass
 class SampleConfig:
-    transformer_path: str = field("checkpoints/transformer_last.pt", "checkpoint written by training_transformer.py")
+    transformer_path: str = field("checkpoints/transformer_last.pt", "checkpoint written by training_transformer.py, or a taming-transformers Net2NetTransformer .ckpt (YAML in ../configs/)")
     num_samples: int = field(16, "images to sample (with --complete: completions of that image)")
     out_dir: str = field("samples", "where the PNGs and the grid go")
     complete: str = field("", "an image file: keep the top half of its codes and sample the bottom half")
@@ -65,6 +65,11 @@ def main(argv=None):
     except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(str(e).splitlines()[0]) from None
     label = parse_label(model, cfg.class_label)
+    if getattr(model, "taming", False) and model.num_classes and label is None:
+        raise UserError("this taming-transformers model is class-conditional: pass --class-label "
+                        f"(a class id in 0..{model.num_classes - 1})")
+    if getattr(model, "taming", False) and cfg.cfg_scale != 1.0:
+        raise UserError("--cfg-scale needs a model trained with class dropout; taming's models have none")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=device).manual_seed(cfg.seed)

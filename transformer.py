@@ -34,6 +34,15 @@ class TransformerConfig:
     pkeep: float = 1.0          # share of input tokens kept in training; the rest become random codes
     num_classes: int = 0        # 0: unconditional
     cfg_dropout: float = 0.1    # P(class token -> SOS) in training, for classifier-free guidance
+    # 'ours': the layout above. 'taming': a taming-transformers Net2NetTransformer's layout: the GPT's
+    # vocabulary is `vocab_size` (its YAML's, = the number of codes in the released models), the
+    # unconditional start token is `sos_token` (a code id, usually 0), the class-conditional start token
+    # is the class id itself (Labelator), the head's full output is scored and sampled, as in taming.
+    token_layout: str = "ours"
+    sos_token: int | None = None      # taming layout: the unconditional start token
+    vocab_size: int | None = None     # taming layout: the GPT's vocabulary (None: ours, K + 1 + classes)
+    block_size: int | None = None     # taming layout: the GPT's block_size (None: h*w)
+    n_unmasked: int = 0               # taming layout: GPT n_unmasked
 
 
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -54,12 +63,39 @@ class VQGANTransformer(nn.Module):
         self.num_codes = vqgan.config.num_codebook_vectors
         side = vqgan.config.latent_size()  # image_size // downsample_factor of the stage-one run
         self.latent_hw = (side, side)
-        self.sos_token = self.num_codes
         self.num_classes = config.num_classes
-        self.vocab_size = self.num_codes + 1 + config.num_classes
+        self.taming = config.token_layout == "taming"
+        if config.token_layout not in ("ours", "taming"):
+            raise ValueError(f"token_layout must be 'ours' or 'taming', got {config.token_layout!r}")
+        block_size = side * side
+        if self.taming:
+            if config.vocab_size is None or config.vocab_size < self.num_codes:
+                raise ValueError(f"taming layout: vocab_size {config.vocab_size} must cover the "
+                                 f"{self.num_codes} codes")
+            if (config.sos_token is None) == (config.num_classes == 0):
+                raise ValueError("taming layout: give sos_token (unconditional) or num_classes (class ids), "
+                                 "not both or neither")
+            if config.sos_token is not None and not 0 <= config.sos_token < config.vocab_size:
+                raise ValueError(f"taming layout: sos_token {config.sos_token} outside the vocabulary")
+            if config.num_classes > config.vocab_size:
+                raise ValueError(f"taming layout: {config.num_classes} classes exceed the vocabulary")
+            block_size = config.block_size if config.block_size is not None else block_size
+            if block_size < side * side:
+                raise ValueError(f"taming layout: block_size {block_size} is shorter than the {side * side} "
+                                 "codes of an image (taming's sliding-window sampling is not supported)")
+            self.sos_token = config.sos_token
+            self.vocab_size = config.vocab_size
+            # Taming samples from the head's whole output; when it is wider than the codebook, only the
+            # codes can be decoded, so sampling is restricted to them.
+            self.sample_vocab = min(self.vocab_size, self.num_codes)
+        else:
+            self.sos_token = self.num_codes
+            self.vocab_size = self.num_codes + 1 + config.num_classes
+            self.sample_vocab = self.num_codes
         # The last code is predicted but never fed back, so h*w positions hold [start, s_0 .. s_{h*w-2}].
-        self.gpt = GPT(self.vocab_size, side * side, config.n_layer, config.n_head, config.n_embd,
-                       config.embd_pdrop, config.resid_pdrop, config.attn_pdrop)
+        self.gpt = GPT(self.vocab_size, block_size, config.n_layer, config.n_head, config.n_embd,
+                       config.embd_pdrop, config.resid_pdrop, config.attn_pdrop,
+                       config.n_unmasked if self.taming else 0)
 
     @property
     def num_tokens(self) -> int:
@@ -89,8 +125,12 @@ class VQGANTransformer(nn.Module):
 
     def start_tokens(self, batch_size: int, labels: torch.Tensor | None = None,
                      device: torch.device | None = None) -> torch.Tensor:
-        """(B, 1) int64: SOS, or the class token K + 1 + label per row when labels (B,) are given."""
+        """(B, 1) int64: SOS, or the class token K + 1 + label per row when labels (B,) are given.
+        Taming layout: sos_token (unconditional models), or the label itself (class-conditional ones)."""
         device = device or self.gpt.head.weight.device
+        if self.taming and labels is None and self.num_classes:
+            raise ValueError(f"this taming model is class-conditional: give {batch_size} labels "
+                             f"in [0, {self.num_classes})")
         if labels is None:
             return torch.full((batch_size, 1), self.sos_token, dtype=torch.long, device=device)
         if self.num_classes == 0:
@@ -98,12 +138,16 @@ class VQGANTransformer(nn.Module):
         labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
         if labels.numel() != batch_size or labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(f"expected {batch_size} labels in [0, {self.num_classes}), got {labels.tolist()}")
+        if self.taming:
+            return labels[:, None]  # (B, 1): class ids share the vocabulary with the codes (Labelator)
         return (self.num_codes + 1 + labels)[:, None]  # (B, 1)
 
     def forward(self, indices: torch.Tensor, labels: torch.Tensor | None = None):
         """indices: (B, h*w) or (B, h, w) int64 codes; labels: (B,) int64 or None.
 
         Returns (logits (B, h*w, K) over the codes only, targets (B, h*w) = the uncorrupted codes).
+        Taming layout: logits over the GPT's whole vocabulary, noise drawn from it, no cfg dropout (as
+        taming's Net2NetTransformer.forward).
         In training mode, inputs are corrupted with random codes (keep prob `pkeep`) and class tokens
         are dropped to SOS with prob `cfg_dropout`; both draw from the global torch RNG.
         """
@@ -116,13 +160,15 @@ class VQGANTransformer(nn.Module):
         if self.training:
             if self.config.pkeep < 1.0:
                 keep = torch.rand(indices.shape, device=indices.device) < self.config.pkeep
-                noise = torch.randint_like(indices, self.num_codes)
+                noise = torch.randint_like(indices, self.vocab_size if self.taming else self.num_codes)
                 inputs = torch.where(keep, indices, noise)
-            if labels is not None and self.config.cfg_dropout > 0:
+            if labels is not None and self.config.cfg_dropout > 0 and not self.taming:
                 drop = torch.rand(B, 1, device=indices.device) < self.config.cfg_dropout
                 start = torch.where(drop, torch.full_like(start, self.sos_token), start)
         tokens = torch.cat([start, inputs[:, :-1]], dim=1)  # (B, T): predict s_i from [start, s_<i]
         logits, _ = self.gpt(tokens)  # (B, T, V)
+        if self.taming:
+            return logits, indices  # taming's cross-entropy runs over the whole head
         # Only codes are ever targets, so special tokens get no probability mass at all.
         return logits[..., : self.num_codes], indices
 
@@ -153,7 +199,7 @@ class VQGANTransformer(nn.Module):
                 logits = self.gpt.forward_cached(seq, cache, 0)[:, -1]  # prefill, (B', V)
             else:
                 logits = self.gpt.forward_cached(seq[:, -1:], cache, seq.shape[1] - 1)[:, -1]  # (B', V)
-            logits = logits[:, : self.num_codes].float()  # (B', K)
+            logits = logits[:, : self.sample_vocab].float()  # (B', K)
             if uncond_start is not None:
                 logits = guided_logits(logits[:B], logits[B:], cfg_scale)  # (B, K)
             nxt = sample_next_token(logits, temperature, top_k, top_p, generator=generator)  # (B, 1)
@@ -185,6 +231,9 @@ class VQGANTransformer(nn.Module):
         start = self.start_tokens(num_samples, labels, device)  # (B, 1)
         uncond = None
         if labels is not None and cfg_scale != 1.0:
+            if self.taming:
+                raise ValueError("classifier-free guidance needs an unconditional token; taming's "
+                                 "class-conditional models have none (use cfg_scale=1)")
             uncond = self.start_tokens(num_samples, None, device)
         was_training = self.training
         self.eval()
@@ -257,12 +306,35 @@ def build_from_checkpoint(ckpt: dict, use_ema: bool = False) -> VQGANTransformer
     return model
 
 
-def load_transformer(path, device="cpu") -> VQGANTransformer:
-    """Load a checkpoint written by training_transformer.py into a ready eval-mode model on device
-    (its EMA weights when it has them, as vqgan.load_vqgan does)."""
-    from utils import load_checkpoint  # local import, as in vqgan.load_vqgan
+def from_taming_parts(parts) -> VQGANTransformer:
+    """A taming-layout VQGANTransformer (CPU) from a mapped Net2NetTransformer checkpoint
+    (taming_compat.TamingTransformer): its VQGAN and GPT weights, loaded strictly."""
+    from taming_compat import vqgan_from_state_dict
 
-    ckpt = load_checkpoint(path, map_location="cpu")
+    g = parts.gpt_config
+    config = TransformerConfig(n_layer=g["n_layer"], n_head=g["n_head"], n_embd=g["n_embd"],
+                               embd_pdrop=g["embd_pdrop"], resid_pdrop=g["resid_pdrop"],
+                               attn_pdrop=g["attn_pdrop"], pkeep=1.0,
+                               num_classes=parts.n_classes if parts.conditioning == "class" else 0,
+                               cfg_dropout=0.0, token_layout="taming", sos_token=parts.sos_token,
+                               vocab_size=g["vocab_size"], block_size=g["block_size"],
+                               n_unmasked=g["n_unmasked"])
+    vqgan = vqgan_from_state_dict(parts.vqgan_config, parts.vqgan_state_dict)
+    model = VQGANTransformer(vqgan, config)
+    model.gpt.load_state_dict(parts.gpt_state_dict, strict=True)
+    return model
+
+
+def load_transformer(path, device="cpu", config=None) -> VQGANTransformer:
+    """Load a checkpoint written by training_transformer.py (its EMA weights when it has them, as
+    vqgan.load_vqgan does), or a taming-transformers Net2NetTransformer `.ckpt` (taming layout; its
+    YAML given as `config` or found beside it), into a ready eval-mode model on device."""
+    from taming_compat import checkpoint_format, read_checkpoint, taming_transformer
+
+    ckpt = read_checkpoint(path)  # weights_only, or the restricted unpickler for Lightning files
+    if checkpoint_format(ckpt) == "taming_transformer":
+        model = from_taming_parts(taming_transformer(ckpt, path, config))
+        return model.to(device).eval().requires_grad_(False)
     if ckpt.get("kind") != "transformer" or "transformer_config" not in ckpt:
         raise ValueError(f"{path} is not a stage-two checkpoint (kind: {ckpt.get('kind', 'unknown')}); "
                          "pass the file written by training_transformer.py (checkpoints/transformer_last.pt)")

@@ -285,18 +285,9 @@ def load_stage_one(path: Path, device, explicit: bool):
 
 
 def resume_config(cfg, given: set, ckpt: dict) -> TrainConfig:
-    """The saved run's config, updated with the flags given now; architecture changes are refused."""
-    saved = ckpt["config"]
-    arch = GPT_FIELDS + ("conditional", "num_augmentations", "dataset_path", "val_fraction", "seed")
-    now = utils.config_dict(cfg)
-    changed = [k for k in given if k in arch and k in saved and now[k] != saved[k]]
-    if changed:
-        diffs = ", ".join(f"{k}: checkpoint {saved[k]!r} vs flag {now[k]!r}" for k in changed)
-        raise UserError(f"--resume with a different model or data ({diffs}); drop those flags or use a new --out-dir")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in saved.items() if k in fields}
-    values.update({k: getattr(cfg, k) for k in given})
-    return TrainConfig(**values)
+    """The saved run's config, updated with the flags given now; model or data changes are refused."""
+    fixed = GPT_FIELDS + ("conditional", "num_augmentations", "dataset_path", "val_fraction", "seed")
+    return utils.resumed_config(cfg, given, ckpt["config"], fixed, "model or data")
 
 
 # ----------------------------------------------------------------------------- main

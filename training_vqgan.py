@@ -377,16 +377,7 @@ def finetune_config(cfg, given: set):
 
 def resume_config(cfg, given: set, ckpt: dict) -> TrainConfig:
     """The saved run's config, updated with the flags given now; architecture changes are refused."""
-    saved = ckpt["config"]
-    changed = [k for k in given if k in ARCH_FIELDS and k in saved
-               and utils.config_dict(cfg)[k] != saved[k]]
-    if changed:
-        diffs = ", ".join(f"{k}: checkpoint {saved[k]!r} vs flag {utils.config_dict(cfg)[k]!r}" for k in changed)
-        raise UserError(f"--resume with a different architecture ({diffs}); drop those flags or use a new --out-dir")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in saved.items() if k in fields}
-    values.update({k: getattr(cfg, k) for k in given})
-    return TrainConfig(**values)
+    return utils.resumed_config(cfg, given, ckpt["config"], ARCH_FIELDS, "architecture")
 
 
 # ----------------------------------------------------------------------------- main

@@ -348,6 +348,20 @@ def field(default, help: str = "", **metadata):
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
+def resumed_config(cfg, given: set, saved: dict, fixed: tuple, what: str):
+    """The saved run's config (a dict), updated with the flags given now; a given flag that changes
+    one of `fixed` (the architecture, the data) is refused with a message naming each difference."""
+    now = config_dict(cfg)
+    changed = [k for k in given if k in fixed and k in saved and now[k] != saved[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: checkpoint {saved[k]!r} vs flag {now[k]!r}" for k in changed)
+        raise UserError(f"--resume with a different {what} ({diffs}); drop those flags or use a new --out-dir")
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    values = {k: v for k, v in saved.items() if k in fields}
+    values.update({k: getattr(cfg, k) for k in given})
+    return type(cfg)(**values)
+
+
 def config_dict(config) -> dict:
     """A dataclass as a dict of builtins (tuples become lists): JSON- and weights_only-safe."""
     out = {}

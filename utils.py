@@ -302,7 +302,7 @@ def build_parser(cls, description: str) -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         helptext = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if "(default" not in helptext:  # help that explains its own default keeps it
+        if "(default" not in helptext and "(required)" not in helptext:  # help that explains its default keeps it
             helptext = f"{helptext} (default: {default})" if helptext else f"(default: {default})"
         helptext = helptext.replace("%", "%%")
         kw = dict(help=helptext, dest=f.name)

@@ -24,13 +24,11 @@ and convolutions, forward and backward). Utilisation is achieved FLOP/s over the
 bf16/fp16 tensor peak, for the GPUs in DEVICE_PEAK_TFLOPS and bf16/fp16 precision only.
 """
 
-import json
 import resource
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -286,10 +284,7 @@ def main(argv=None):
         results["sampling"] = bench_sampling(cfg, device, precision)
     print(format_table(results))
     if cfg.json:
-        out = Path(cfg.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {out}")
+        print(f"wrote {utils.write_json(cfg.json, results)}")
     return results
 
 

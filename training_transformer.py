@@ -389,16 +389,7 @@ def main(argv=None):
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        step, epoch = ckpt["step"], ckpt["epoch"]
-        saved_batch = ckpt.get("global_batch", ckpt["config"]["batch_size"])  # older files: one process
-        samples_in_epoch = ckpt.get("samples_in_epoch", ckpt["batch_in_epoch"] * saved_batch)
-        rng_ranks = ckpt.get("rng_ranks", [])
-        if rank == 0:
-            utils.set_rng_state(ckpt["rng"])
-        elif len(rng_ranks) == world - 1:
-            utils.set_rng_state(rng_ranks[rank - 1])
-        else:  # saved on another number of processes: a fresh per-rank stream
-            utils.seed_everything(cfg.seed + rank + 1_000_003 * step)
+        step, epoch, samples_in_epoch, saved_batch = utils.restore_progress(ckpt, rank, world, cfg.seed)
         if ema is not None and ckpt.get("ema_model"):
             ema.load_state_dict(ckpt["ema_model"])
         logger.truncate_after(step)

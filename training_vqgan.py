@@ -471,16 +471,7 @@ def main(argv=None):
         opt_d.load_state_dict(ckpt["opt_d"])
         scaler_g.load_state_dict(ckpt["scaler_g"])
         scaler_d.load_state_dict(ckpt["scaler_d"])
-        step, epoch = ckpt["step"], ckpt["epoch"]
-        saved_batch = ckpt.get("global_batch", ckpt["config"]["batch_size"])  # older files: one process
-        samples_in_epoch = ckpt.get("samples_in_epoch", ckpt["batch_in_epoch"] * saved_batch)
-        rng_ranks = ckpt.get("rng_ranks", [])
-        if rank == 0:
-            utils.set_rng_state(ckpt["rng"])
-        elif len(rng_ranks) == world - 1:
-            utils.set_rng_state(rng_ranks[rank - 1])
-        else:  # saved on another number of processes: a fresh per-rank stream
-            utils.seed_everything(cfg.seed + rank + 1_000_003 * step)
+        step, epoch, samples_in_epoch, saved_batch = utils.restore_progress(ckpt, rank, world, cfg.seed)
         logger.truncate_after(step)
         logger.log(f"resumed from {last_path} at step {step} (epoch {epoch}, sample {samples_in_epoch})")
         if saved_batch != global_batch:

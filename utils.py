@@ -446,6 +446,30 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_progress(ckpt: dict, rank: int, world: int, seed: int) -> tuple[int, int, int, int]:
+    """Step, epoch, samples seen in the epoch and the saved global batch of a training checkpoint, with
+    this rank's RNG restored (a fresh per-rank stream when it was saved on another process count)."""
+    step, epoch = ckpt["step"], ckpt["epoch"]
+    saved_batch = ckpt.get("global_batch", ckpt["config"]["batch_size"])  # older files: one process
+    samples_in_epoch = ckpt.get("samples_in_epoch", ckpt.get("batch_in_epoch", 0) * saved_batch)
+    rng_ranks = ckpt.get("rng_ranks", [])
+    if rank == 0:
+        set_rng_state(ckpt["rng"])
+    elif len(rng_ranks) == world - 1:
+        set_rng_state(rng_ranks[rank - 1])
+    else:
+        seed_everything(seed + rank + 1_000_003 * step)
+    return step, epoch, samples_in_epoch, saved_batch
+
+
+def write_json(path, obj):
+    """Write obj as indented JSON, creating the folder; used for --json outputs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    return path
+
+
 def save_checkpoint(obj: dict, path):
     """Write atomically: a temp file beside the target, flushed to disk, then os.replace.
 

@@ -11,6 +11,7 @@ config.json. Losses follow taming-transformers' VQLPIPSWithDiscriminator.
 import copy
 import dataclasses
 import json
+import math
 import signal
 import sys
 import time
@@ -26,7 +27,7 @@ from tqdm import tqdm
 import plots
 import utils
 from codebook import stats_from_counts
-from discriminator import Discriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+from discriminator import LeCAM, Discriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from utils import UserError, field
 from vqgan import PRESETS as ARCH_PRESETS, VQGAN, VQGANConfig
 
@@ -50,14 +51,31 @@ class TrainConfig(VQGANConfig):
                                          "ema_model and used for grids, validation and load_vqgan (0: off)")
     epochs: int = field(50, "passes over the training split")
     max_steps: int = field(0, "stop after this many steps in total (0: no limit)")
+    max_seconds: float = field(0.0, "stop (and save) after this many seconds of training in this process "
+                                    "(0: no limit); for equal-time comparisons")
     learning_rate: float = field(1e-4, "Adam learning rate, generator and discriminator")
+    warmup_steps: int = field(0, "linear learning-rate warmup over this many steps (0: none)")
+    lr_decay: str = field("none", "learning-rate decay after warmup: none, or cosine down to "
+                                  "--min-lr-ratio x --learning-rate at the last step", choices=["none", "cosine"])
+    min_lr_ratio: float = field(0.1, "final learning rate of the cosine decay, as a share of --learning-rate")
+    disc_learning_rate: float = field(0.0, "discriminator learning rate (0: --learning-rate); same schedule")
     beta1: float = field(0.5, "Adam beta1")
     beta2: float = field(0.9, "Adam beta2")
     # 10000 as taming's custom_vqgan config and the reference: on the demo photos a GAN switched on at
     # step 250 (or 90) lowered held-out PSNR by 1-3 dB within 150 steps, so it starts late by default
     disc_start: int = field(10000, "step at which the discriminator and GAN loss switch on")
     disc_factor: float = field(1.0, "weight of the GAN terms once on (0 turns the discriminator off)")
-    disc_weight: float = field(0.8, "scale on the adaptive weight lambda (taming's disc_weight)")
+    disc_weight: float = field(0.8, "scale on the adaptive weight lambda (taming's disc_weight), or the "
+                                    "fixed GAN weight with --no-adaptive-weight")
+    adaptive_weight: bool = field(True, "weigh the GAN loss by taming's adaptive lambda (gradient-norm ratio "
+                                        "at the decoder's last layer); off: a fixed weight --disc-weight")
+    max_adaptive_weight: float = field(1e4, "clamp on the adaptive lambda (taming: 1e4)")
+    gan_ramp_steps: int = field(0, "ramp the GAN weight linearly from 0 to --disc-factor over this many "
+                                   "steps after --disc-start (0: switch it on at once, as taming)")
+    disc_norm: str = field("batch", "discriminator normalisation: batch (taming) or group (per image)",
+                           choices=["batch", "group"])
+    lecam_weight: float = field(0.0, "weight of the LeCAM regulariser on the discriminator (0: off; "
+                                     "Tseng et al. 2021 use 0.1-0.3, MaskBit 0.001)")
     disc_ndf: int = field(64, "discriminator base channels")
     disc_layers: int = field(3, "discriminator conv layers")
     rec_loss_factor: float = field(1.0, "weight of the L1 reconstruction loss")
@@ -140,6 +158,29 @@ def make_loader(dataset, cfg, epoch: int, start_sample: int = 0, rank: int = 0, 
                       persistent_workers=False)
 
 
+# ----------------------------------------------------------------------------- schedules
+
+def lr_factor(step: int, total_steps: int, cfg) -> float:
+    """Multiplier on the learning rates at `step` (0-based): linear warmup over cfg.warmup_steps, then
+    constant or cosine down to cfg.min_lr_ratio at the last step (SGDR, Loshchilov & Hutter 2017)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "cosine" and total_steps > cfg.warmup_steps + 1:
+        t = min(1.0, (step - cfg.warmup_steps) / (total_steps - 1 - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return 1.0
+
+
+def gan_factor(step: int, cfg) -> float:
+    """Weight of the GAN terms at `step`: 0 before cfg.disc_start, then cfg.disc_factor, reached linearly
+    over cfg.gan_ramp_steps steps when a ramp is set."""
+    if cfg.disc_factor <= 0 or step < cfg.disc_start:
+        return 0.0
+    if cfg.gan_ramp_steps > 0:
+        return cfg.disc_factor * min(1.0, (step - cfg.disc_start + 1) / cfg.gan_ramp_steps)
+    return cfg.disc_factor
+
+
 # ----------------------------------------------------------------------------- the two updates
 
 def generator_step(model, disc, perceptual, x, step: int, cfg, opt, scaler, amp) -> dict:
@@ -155,10 +196,11 @@ def generator_step(model, disc, perceptual, x, step: int, cfg, opt, scaler, amp)
     form the last layer's weight gradients from them in closed form, and push their weighted sum
     through the autoencoder. The result equals taming's loss.backward() exactly.
     """
-    disc_on = cfg.disc_factor > 0 and step >= cfg.disc_start
+    factor = gan_factor(step, cfg)
+    disc_on = factor > 0
     opt.zero_grad(set_to_none=True)
     chunks = x.chunk(cfg.grad_accum_steps)
-    parts = [_generator_backward(model, disc, perceptual, xm, cfg, scaler, amp, disc_on,
+    parts = [_generator_backward(model, disc, perceptual, xm, cfg, scaler, amp, factor,
                                  weight=1.0 / len(chunks), sync=i == len(chunks) - 1)
              for i, xm in enumerate(chunks)]
     out = {k: torch.stack([p[k] for p in parts]).mean() for k in
@@ -176,14 +218,16 @@ def generator_step(model, disc, perceptual, x, step: int, cfg, opt, scaler, amp)
         opt.step()
     return {**out, "grad_norm": grad_norm.detach(), "finite": finite,
             "x_rec": torch.cat([p["x_rec"] for p in parts]), "indices": torch.cat([p["indices"] for p in parts]),
-            "disc_on": disc_on}
+            "disc_on": disc_on, "disc_factor": factor}
 
 
-def _generator_backward(model, disc, perceptual, x, cfg, scaler, amp, disc_on: bool, weight: float,
+def _generator_backward(model, disc, perceptual, x, cfg, scaler, amp, factor: float, weight: float,
                         sync: bool) -> dict:
     """Forward and backward of one micro-batch x: (B, 3, H, W) in [-1, 1]; gradients scaled by
-    `weight` (1/K) and added to .grad. Under DDP, `sync` False skips the all-reduce (no_sync)."""
+    `weight` (1/K) and added to .grad. `factor` is the GAN weight at this step (0: GAN off). Under
+    DDP, `sync` False skips the all-reduce (no_sync)."""
     net = utils.unwrap(model)
+    disc_on = factor > 0
     with utils.no_sync(model, sync), amp:
         x_rec, h_last, indices, q_loss = model(x, return_last_input=True)
         x_rec32 = x_rec.float()
@@ -198,9 +242,10 @@ def _generator_backward(model, disc, perceptual, x, cfg, scaler, amp, disc_on: b
     # state on its first use, which unscale_ below needs
     scale = scaler.scale(x.new_ones((), dtype=torch.float32)) if scaler.is_enabled() else 1.0
 
-    lam = x.new_zeros(())
+    # the GAN loss's weight: taming's adaptive lambda (below), or a fixed one
+    lam = x.new_tensor(cfg.disc_weight if disc_on else 0.0, dtype=torch.float32)
     with utils.no_sync(model, sync):
-        if disc_on:
+        if disc_on and cfg.adaptive_weight:
             g_nll, = torch.autograd.grad(nll * scale, x_rec)
             g_adv, = torch.autograd.grad(g_loss * scale, x_rec)
             conv = net.decoder.conv_out
@@ -212,24 +257,26 @@ def _generator_backward(model, disc, perceptual, x, cfg, scaler, amp, disc_on: b
             # (taming under Lightning DDP uses each rank's local lambda). With accumulation it is
             # computed per micro-batch.
             w_nll, w_adv = utils.all_reduce_(torch.stack([w_nll, w_adv]), mean=True)
-            lam = adaptive_weight(w_nll, w_adv, cfg.disc_weight)
-            grad = (g_nll + (cfg.disc_factor * lam).to(g_adv.dtype) * g_adv) * weight
+            lam = adaptive_weight(w_nll, w_adv, cfg.disc_weight, cfg.max_adaptive_weight)
+            grad = (g_nll + (factor * lam).to(g_adv.dtype) * g_adv) * weight
             torch.autograd.backward([x_rec, q_loss * (scale * weight)], [grad, None])
-            loss = nll + cfg.disc_factor * lam * g_loss + q_loss
+            loss = nll + factor * lam * g_loss + q_loss
         else:
-            loss = nll + q_loss
+            loss = nll + factor * lam * g_loss + q_loss
             (loss * (scale * weight)).backward()
     return {"loss": loss.detach(), "rec_loss": rec_loss.detach(), "perceptual_loss": p_loss.detach(),
             "q_loss": q_loss.detach(), "g_loss": g_loss.detach(), "lambda": lam.detach(),
             "x_rec": x_rec.detach(), "indices": indices}
 
 
-def discriminator_step(disc, x, x_rec, opt, scaler, amp, disc_factor: float, accum_steps: int = 1) -> dict:
+def discriminator_step(disc, x, x_rec, opt, scaler, amp, disc_factor: float, accum_steps: int = 1,
+                       lecam=None, lecam_weight: float = 0.0) -> dict:
     """One discriminator update on real images and detached reconstructions, with its own optimiser.
 
     x, x_rec: (K*B, 3, H, W) in [-1, 1], in K = accum_steps micro-batches as in generator_step. Its
     BatchNorm layers normalise with each rank's own batch statistics (taming under Lightning DDP does
-    the same; SyncBatchNorm would add two all-gathers per forward and exists for CUDA only)."""
+    the same; SyncBatchNorm would add two all-gathers per forward and exists for CUDA only).
+    With `lecam` (a discriminator.LeCAM) and `lecam_weight` > 0 its regulariser is added to the loss."""
     opt.zero_grad(set_to_none=True)
     pairs = list(zip(x.chunk(accum_steps), x_rec.chunk(accum_steps)))
     parts = []
@@ -239,6 +286,8 @@ def discriminator_step(disc, x, x_rec, opt, scaler, amp, disc_factor: float, acc
                 logits_real = disc(xm.detach()).float()
                 logits_fake = disc(rm.detach()).float()
                 d_loss = disc_factor * hinge_d_loss(logits_real, logits_fake)
+                if lecam is not None and lecam_weight > 0:
+                    d_loss = d_loss + disc_factor * lecam_weight * lecam(logits_real, logits_fake)
             scaler.scale(d_loss / len(pairs)).backward()
         parts.append((d_loss.detach(), logits_real.mean().detach(), logits_fake.mean().detach()))
     d_loss, logits_real, logits_fake = (torch.stack(t).mean() for t in zip(*parts))
@@ -298,7 +347,7 @@ def save_reconstructions(model, x, path, amp):
 
 
 def checkpoint_dict(cfg, model, disc, opt_g, opt_d, scaler_g, scaler_d, step, epoch, samples_in_epoch: int,
-                    global_batch: int, ema=None, rng_ranks=None):
+                    global_batch: int, ema=None, rng_ranks=None, lecam=None):
     """The stage-one checkpoint. `model`/`disc` are the unwrapped modules. The position in the epoch is
     kept in samples (`samples_in_epoch`), so a resume with another global batch (another number of
     processes) starts at the next unseen sample; `batch_in_epoch` counts steps of `global_batch`.
@@ -314,6 +363,8 @@ def checkpoint_dict(cfg, model, disc, opt_g, opt_d, scaler_g, scaler_d, step, ep
     }
     if ema is not None:
         state["ema_model"] = ema.state_dict()  # vqgan.load_vqgan prefers these weights
+    if lecam is not None:
+        state["lecam"] = lecam.state_dict()
     if rng_ranks:
         state["rng_ranks"] = rng_ranks
     return state
@@ -440,11 +491,13 @@ def main(argv=None):
         total_steps = min(total_steps, cfg.max_steps) if cfg.epochs > 0 else cfg.max_steps
 
     model = VQGAN(model_config(cfg)).to(device)
-    disc = Discriminator(cfg.in_channels, cfg.disc_ndf, cfg.disc_layers).to(device)
+    disc = Discriminator(cfg.in_channels, cfg.disc_ndf, cfg.disc_layers, cfg.disc_norm).to(device)
+    lecam = LeCAM().to(device) if cfg.lecam_weight > 0 else None
     perceptual = build_perceptual(cfg, device)
     betas = (cfg.beta1, cfg.beta2)
     opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, betas=betas)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.learning_rate, betas=betas)
+    disc_lr = cfg.disc_learning_rate or cfg.learning_rate
+    opt_d = torch.optim.Adam(disc.parameters(), lr=disc_lr, betas=betas)
     # GradScaler only for fp16, one per optimiser (bf16 and fp32 need none)
     scaler_g = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     scaler_d = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -467,6 +520,8 @@ def main(argv=None):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         disc.load_state_dict(ckpt["discriminator"])
+        if lecam is not None and "lecam" in ckpt:
+            lecam.load_state_dict(ckpt["lecam"])
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
         scaler_g.load_state_dict(ckpt["scaler_g"])
@@ -520,7 +575,7 @@ def main(argv=None):
         if not dinfo.is_main:
             return
         state = checkpoint_dict(cfg, model, disc, opt_g, opt_d, scaler_g, scaler_d, step, epoch, samples_in_epoch,
-                                global_batch, ema, rng_ranks)
+                                global_batch, ema, rng_ranks, lecam)
         utils.save_checkpoint(state, last_path)
         if tag_copy:
             copy = ckpt_dir / f"vqgan_step{step:07d}.pt"
@@ -550,24 +605,31 @@ def main(argv=None):
 
     model.train()
     disc.train()
+    disc_buffers = list(disc.buffers()) + (list(lecam.buffers()) if lecam is not None else [])
     bad_steps = 0
     stopping = False
     # codes chosen over the current epoch: the usage that matters (one batch holds too few vectors)
     epoch_counts = torch.zeros(cfg.num_codebook_vectors, dtype=torch.long, device=device)
     pbar = tqdm(total=total_steps, initial=step, desc="vqgan", dynamic_ncols=True,
                 disable=None if dinfo.is_main else True)
+    train_start = time.perf_counter()
     with StopFlag() as stop:
         while step < total_steps and not stopping:
             loader = make_loader(train_set, cfg, epoch, samples_in_epoch, rank, world)
             for x, _ in loader:
                 t0 = time.perf_counter()
+                lr_scale = lr_factor(step, total_steps, cfg)
+                for group in opt_g.param_groups:
+                    group["lr"] = cfg.learning_rate * lr_scale
+                for group in opt_d.param_groups:
+                    group["lr"] = disc_lr * lr_scale
                 x = x.to(device, non_blocking=True)  # (K*B, 3, H, W): this rank's share of the step
                 # BatchNorm running stats change in the forward passes, before a non-finite step is
                 # known and skipped; kept here so a NaN batch can't leave NaN in them
-                disc_stats = [b.detach().clone() for b in disc.buffers()]
+                disc_stats = [b.detach().clone() for b in disc_buffers]
                 g = generator_step(ddp_model, ddp_disc, perceptual, x, step, cfg, opt_g, scaler_g, amp)
                 d = (discriminator_step(ddp_disc, x, g["x_rec"], opt_d, scaler_d, amp, cfg.disc_factor,
-                                        cfg.grad_accum_steps) if g["disc_on"] else {})
+                                        cfg.grad_accum_steps, lecam, cfg.lecam_weight) if g["disc_on"] else {})
                 if ema is not None and g["finite"]:
                     utils.ema_update(ema, model, cfg.weight_ema_decay)
                 if device.type == "cuda":
@@ -578,7 +640,7 @@ def main(argv=None):
                 bad_steps = 0 if g["finite"] else bad_steps + 1
                 if not g["finite"]:
                     with torch.no_grad():
-                        for b, kept in zip(disc.buffers(), disc_stats):
+                        for b, kept in zip(disc_buffers, disc_stats):
                             b.copy_(kept)
                     logger.log(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
                     if bad_steps >= 10:
@@ -595,12 +657,14 @@ def main(argv=None):
                     # every rank takes part: losses averaged over ranks, code usage over the global batch
                     usage, ppl = stats_from_counts(utils.all_reduce_(counts))
                     rec = utils.all_reduce_mean(
-                        {**{k: v for k, v in g.items() if k not in ("x_rec", "indices", "disc_on", "finite")},
+                        {**{k: v for k, v in g.items()
+                            if k not in ("x_rec", "indices", "disc_on", "finite", "disc_factor")},
                          **d, "step_time": dt})
                     logger.metrics({"step": step, "epoch": epoch, **rec,
-                                    "disc_factor": cfg.disc_factor if g["disc_on"] else 0.0,
+                                    "disc_factor": g["disc_factor"],
                                     "codebook_usage": usage, "perplexity": ppl,
-                                    "images_per_sec": global_batch / rec["step_time"], "lr": cfg.learning_rate})
+                                    "images_per_sec": global_batch / rec["step_time"],
+                                    "lr": cfg.learning_rate * lr_scale})
                 if step % cfg.sample_every == 0 and dinfo.is_main:
                     save_reconstructions(shown, x_show, logger.results / f"rec_step{step:07d}.png", amp)
                     plots.update_plots(logger.results)
@@ -610,6 +674,9 @@ def main(argv=None):
                     save(tag_copy=True)
                 # a signal may reach the ranks at different steps: they all stop at the first one's
                 stopping = utils.any_rank(stop.requested)
+                if cfg.max_seconds > 0 and utils.any_rank(time.perf_counter() - train_start >= cfg.max_seconds):
+                    logger.log(f"--max-seconds {cfg.max_seconds:g} reached at step {step}")
+                    total_steps = step
                 if step >= total_steps or stopping:
                     break
             if samples_in_epoch + global_batch > len(train_set):  # no full step left in this epoch

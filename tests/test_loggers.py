@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+import convert_checkpoint
 import loggers
 import training_transformer
 import training_vqgan
@@ -78,9 +79,11 @@ def test_tensorboard_resume_continues_without_duplicate_or_missing_steps(stage_o
 def test_transformer_logs_to_its_own_tensorboard_folder(stage_one, tmp_path):
     vq_out, _ = stage_one
     out = tmp_path / "gpt"
+    # stage one as a Hugging Face folder, as a downloaded tokenizer would be
+    convert_checkpoint.main([str(vq_out / "checkpoints" / "vqgan_last.pt"), "--hf-dir", str(tmp_path / "vq")])
     training_transformer.main(["--preset", "tiny", "--num-augmentations", "2", "--batch-size", "8",
-                               "--vqgan-path", str(vq_out / "checkpoints" / "vqgan_last.pt"), "--out-dir", str(out),
-                               "--max-steps", "3", "--logger", "none,tensorboard"])
+                               "--vqgan-path", str(tmp_path / "vq"), "--out-dir", str(out), "--max-steps", "3",
+                               "--logger", "none,tensorboard"])
     ea = events(out / "tensorboard" / "transformer")
     assert {"transformer/loss", "transformer/bits_per_token", "transformer/lr", "transformer/tokens_per_sec",
             "transformer/val_bits_per_token"} <= set(ea.Tags()["scalars"])

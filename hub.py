@@ -15,7 +15,10 @@
 
 Loading reads JSON and safetensors only, so nothing in the files can run code. A missing file, a
 config.json of the other kind, or weights that don't fit the config (missing, unexpected or wrongly
-shaped tensors) raise a one-line `UserError`; the scripts turn it into exit code 2.
+shaped tensors) raise a one-line `UserError`; the scripts turn it into exit code 2. (The mixin's own
+loading would load with strict=False and fall back to a pickled pytorch_model.bin; the hooks replace
+it.) Config fields missing from a config.json take their defaults, as in our .pt checkpoints, so folders
+written before a field existed still load.
 """
 
 import dataclasses

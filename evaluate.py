@@ -30,6 +30,7 @@ from scipy import linalg
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import hub
 import utils
 from utils import UserError, field
 
@@ -41,7 +42,8 @@ ENV_NO_DOWNLOAD = "VQGAN_NO_DOWNLOAD"
 @dataclass
 class EvalConfig:
     """What to evaluate and how."""
-    checkpoint_path: str = field("", "stage-one checkpoint written by training_vqgan.py (required)")
+    checkpoint_path: str = field("", "stage-one checkpoint written by training_vqgan.py, a save_pretrained "
+                                     "folder or a Hugging Face Hub repo id (required)")
     dataset_path: str = field("", "folder of images, searched recursively (default: the embedded demo photos)")
     json: str = field("", "also write the metrics to this JSON file")
     batch_size: int = field(16, "images per batch")
@@ -388,7 +390,8 @@ def main(argv=None):
         raise UserError("--batch-size must be at least 1")
     if cfg.num_samples > 0 and not cfg.transformer_path:
         raise UserError("--num-samples needs --transformer-path (a checkpoint from training_transformer.py)")
-    if cfg.transformer_path and not Path(cfg.transformer_path).expanduser().is_file():
+    if cfg.transformer_path and not (Path(cfg.transformer_path).expanduser().is_file()
+                                     or hub.is_pretrained(cfg.transformer_path)):
         raise UserError(f"transformer checkpoint {cfg.transformer_path!r} not found")
     device = utils.resolve_device(cfg.device)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+import hub
 import utils
 from transformer import load_transformer
 from utils import UserError, field
@@ -22,7 +23,10 @@ from utils import UserError, field
 
 @dataclass
 class SampleConfig:
-    transformer_path: str = field("checkpoints/transformer_last.pt", "checkpoint written by training_transformer.py, or a taming-transformers Net2NetTransformer .ckpt (YAML in ../configs/)")
+    transformer_path: str = field("checkpoints/transformer_last.pt",
+                                  "checkpoint written by training_transformer.py, a taming-transformers "
+                                  "Net2NetTransformer .ckpt (YAML in ../configs/), a save_pretrained folder or a "
+                                  "Hugging Face Hub repo id")
     num_samples: int = field(16, "images to sample (with --complete: completions of that image)")
     out_dir: str = field("samples", "where the PNGs and the grid go")
     complete: str = field("", "an image file: keep the top half of its codes and sample the bottom half")
@@ -57,7 +61,7 @@ def main(argv=None):
         raise UserError("--num-samples and --batch-size must be at least 1")
     device = utils.resolve_device(cfg.device)
     path = Path(cfg.transformer_path).expanduser()
-    if not path.is_file():
+    if not path.is_file() and not hub.is_pretrained(path):
         raise UserError(f"no stage-two checkpoint at {path}; train one with `python training_transformer.py` "
                         "or pass --transformer-path")
     try:

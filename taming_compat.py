@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+import hub
 from utils import UserError
 from vqgan import VQGAN, VQGANConfig
 
@@ -507,8 +508,14 @@ def discriminator_config(disc_sd: dict) -> dict:
 
 def load_any_vqgan_for_finetune(path, config=None) -> tuple[VQGANConfig, dict, dict | None]:
     """(VQGANConfig, model state dict, discriminator state dict or None) from our checkpoint, our
-    .safetensors, or a taming/latent-diffusion one, to initialise training (weights only, no optimiser
-    state). `config`: the taming YAML (path or dict); ours carry their own."""
+    .safetensors, a taming/latent-diffusion one, or a save_pretrained folder / Hub repo id (no
+    discriminator), to initialise training (weights only, no optimiser state). `config`: the taming YAML
+    (path or dict); ours carry their own."""
+    if hub.is_pretrained(path):
+        if config is not None:
+            raise UserError(f"{path} carries its own config.json; drop the taming config")
+        model = hub.load_pretrained(VQGAN, path, "vqgan")
+        return model.config, model.state_dict(), None
     ckpt = read_checkpoint(path)
     fmt = checkpoint_format(ckpt)
     if fmt == "ours":

@@ -27,6 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import hub
+import loggers
 import plots
 import utils
 from mingpt import GPT_PRESETS
@@ -49,8 +51,8 @@ class TrainConfig:
     embd_pdrop: float = field(0.0, "dropout on token + position embeddings")
     resid_pdrop: float = field(0.0, "dropout on residual branches")
     attn_pdrop: float = field(0.0, "dropout on attention weights")
-    vqgan_path: str = field("", "stage-one checkpoint (default: <out-dir>/checkpoints/vqgan_last.pt, "
-                                "what training_vqgan.py writes)")
+    vqgan_path: str = field("", "stage-one checkpoint, save_pretrained folder or Hugging Face Hub repo id "
+                                "(default: <out-dir>/checkpoints/vqgan_last.pt, what training_vqgan.py writes)")
     dataset_path: str = field("", "folder of images, searched recursively (default: the embedded demo photos)")
     out_dir: str = field(".", "run folder: results/, checkpoints/, cache/, log.txt and config.json go here")
     batch_size: int = field(16, "code sequences per process per micro-step; global batch = batch-size x "
@@ -80,6 +82,8 @@ class TrainConfig:
     num_workers: int = field(2, "data loader workers for the one-off encoding pass")
     seed: int = field(0, "random seed")
     log_every: int = field(10, "steps between metrics.jsonl records")
+    logger: tuple[str, ...] = field((), "live dashboards besides results/metrics.jsonl: tensorboard, wandb or none; "
+                                        "repeat the flag or give a comma list (default: none)", repeatable=True)
     num_grid_images: int = field(4, "rows of the per-epoch grid, each original | reconstruction | "
                                     "completion | sample (0: no grids)")
     temperature: float = field(1.0, "sampling temperature for the grids (0: greedy)")
@@ -271,7 +275,10 @@ def resolve_vqgan_path(cfg: TrainConfig) -> Path:
 
 
 def load_stage_one(path: Path, device, explicit: bool):
-    """The frozen stage-one VQGAN, with errors that name the fix."""
+    """The frozen stage-one VQGAN, with errors that name the fix. `path` may also be a save_pretrained
+    folder or a Hugging Face Hub repo id (see hub.py)."""
+    if hub.is_pretrained(path):
+        return load_vqgan(path, device)
     if not path.is_file() and explicit:
         raise UserError(f"--vqgan-path {path}: no such file; pass the vqgan_last.pt written by training_vqgan.py")
     if not path.is_file():
@@ -312,6 +319,7 @@ def main(argv=None):
         raise UserError("--pkeep must be in (0, 1] and --cfg-dropout in [0, 1)")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
+    loggers.parse_names(cfg.logger)  # an unknown name or a missing package fails before any work
 
     # Under torchrun (RANK set) this joins the job: NCCL on cuda:LOCAL_RANK, else gloo.
     dinfo, device = utils.setup_distributed(utils.resolve_device(cfg.device))
@@ -410,6 +418,7 @@ def main(argv=None):
     cfg = dataclasses.replace(cfg, vqgan_path=str(vqgan_path))
     if dinfo.is_main:
         (out / "config.json").write_text(json.dumps(utils.config_dict(cfg), indent=2) + "\n")
+        logger.attach(loggers.Dashboards(cfg.logger, out, "transformer", utils.config_dict(cfg), step))
     logger.log(f"config: {json.dumps(utils.config_dict(cfg))}")
     h, w = model.latent_hw
     logger.log(f"device {device}, precision {precision}; stage one {vqgan_path} ({image_size}px, latent grid "
@@ -454,6 +463,7 @@ def main(argv=None):
         if n_show > 0:
             save_transformer_grid(shown, show_images, show_codes, show_labels, logger.results / name, cfg,
                                   cfg.seed)
+            logger.image(logger.results / name, step)
         if logger.enabled:
             plots.update_plots(logger.results)
 
@@ -531,6 +541,7 @@ def main(argv=None):
         grid("transformer_final.png")
         logger.log(f"done: {step} steps, val {val_bpt:.4f} bits/token; checkpoint {last_path}, "
                    f"grids and metrics in {logger.results}")
+    logger.close()
     utils.cleanup_distributed()
     # the trained model (unwrapped) is returned for callers such as tests; the checkpoint is the record
     return {"step": step, "checkpoint": str(last_path), "model": model, "ema": ema}

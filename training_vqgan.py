@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import loggers
 import plots
 import utils
 from codebook import stats_from_counts
@@ -89,12 +90,15 @@ class TrainConfig(VQGANConfig):
     num_workers: int = field(2, "data loader worker processes")
     seed: int = field(0, "random seed")
     log_every: int = field(10, "steps between metrics.jsonl records")
+    logger: tuple[str, ...] = field((), "live dashboards besides results/metrics.jsonl: tensorboard, wandb or none; "
+                                        "repeat the flag or give a comma list (default: none)", repeatable=True)
     sample_every: int = field(200, "steps between reconstruction grids (and at each epoch end)")
     save_every: int = field(1000, "steps between periodic checkpoint copies (vqgan_last.pt is also kept current)")
     keep_checkpoints: int = field(3, "periodic checkpoint copies to keep (0: keep all)")
     resume: bool = field(False, "continue from <out-dir>/checkpoints/vqgan_last.pt at its exact step")
-    checkpoint_path: str = field("", "initialise from a VQGAN checkpoint (ours, .safetensors, or taming/"
-                                     "latent-diffusion .ckpt) and fine-tune; its architecture is used")
+    checkpoint_path: str = field("", "initialise from a VQGAN checkpoint (ours, .safetensors, taming/latent-"
+                                     "diffusion .ckpt, a save_pretrained folder or a Hugging Face Hub repo id) "
+                                     "and fine-tune; its architecture is used")
     taming_config: str = field("", "the taming project.yaml for --checkpoint-path (default: found beside it)")
 
 
@@ -337,13 +341,14 @@ def evaluate_val(model, perceptual, loader, device, amp, max_batches: int = 8) -
 
 @torch.no_grad()
 def save_reconstructions(model, x, path, amp):
-    """Grid: inputs on the top row, reconstructions below, both mapped from [-1, 1] to [0, 1]."""
+    """Grid: inputs on the top row, reconstructions below, both mapped from [-1, 1] to [0, 1]; returns path."""
     was_training = model.training
     model.eval()
     with amp:
         x_rec, _, _ = model(x)
     model.train(was_training)
     utils.save_grid([x, x_rec.float().clamp(-1, 1)], path)
+    return path
 
 
 def checkpoint_dict(cfg, model, disc, opt_g, opt_d, scaler_g, scaler_d, step, epoch, samples_in_epoch: int,
@@ -462,6 +467,7 @@ def main(argv=None):
         raise UserError("--batch-size and --grad-accum-steps must be at least 1")
     if not 0.0 <= cfg.weight_ema_decay < 1.0:
         raise UserError("--weight-ema-decay must be in [0, 1)")
+    loggers.parse_names(cfg.logger)  # an unknown name or a missing package fails before any work
 
     # Under torchrun (RANK set) this joins the job: NCCL on cuda:LOCAL_RANK, else gloo.
     dinfo, device = utils.setup_distributed(utils.resolve_device(cfg.device))
@@ -556,6 +562,7 @@ def main(argv=None):
 
     if dinfo.is_main:
         (out / "config.json").write_text(json.dumps(utils.config_dict(cfg), indent=2) + "\n")
+        logger.attach(loggers.Dashboards(cfg.logger, out, "vqgan", utils.config_dict(cfg), step))
     n_params = sum(p.numel() for p in model.parameters())
     logger.log(f"config: {json.dumps(utils.config_dict(cfg))}")
     logger.log(f"device {device}, precision {precision}; {len(train_files)} train / {len(val_files)} val images "
@@ -594,7 +601,7 @@ def main(argv=None):
             val.update(epoch_codebook_usage=usage, epoch_perplexity=ppl)
             logger.metrics({"step": step, "epoch": epoch, **val})
             logger.log(f"(step={step:07d}) epoch {epoch} " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-            save_reconstructions(shown, x_show, logger.results / f"rec_epoch{epoch:04d}.png", amp)
+            logger.image(save_reconstructions(shown, x_show, logger.results / f"rec_epoch{epoch:04d}.png", amp), step)
             plots.update_plots(logger.results)
             plots.plot_codebook_usage(epoch_counts.cpu().numpy(), logger.metrics_path,
                                       logger.results / "codebook_usage.png")
@@ -666,7 +673,8 @@ def main(argv=None):
                                     "images_per_sec": global_batch / rec["step_time"],
                                     "lr": cfg.learning_rate * lr_scale})
                 if step % cfg.sample_every == 0 and dinfo.is_main:
-                    save_reconstructions(shown, x_show, logger.results / f"rec_step{step:07d}.png", amp)
+                    logger.image(save_reconstructions(shown, x_show, logger.results / f"rec_step{step:07d}.png", amp),
+                                 step)
                     plots.update_plots(logger.results)
                 # no saves inside a run of non-finite steps: if it reaches 10, the last good checkpoint
                 # is left exactly as it was
@@ -689,8 +697,9 @@ def main(argv=None):
         logger.log(f"stopped at step {step}; checkpoint saved to {last_path}. "
                    f"Resume with: python training_vqgan.py --out-dir {cfg.out_dir} --resume")
     elif dinfo.is_main:
-        save_reconstructions(shown, x_show, logger.results / "rec_final.png", amp)
+        logger.image(save_reconstructions(shown, x_show, logger.results / "rec_final.png", amp), step)
         logger.log(f"done: {step} steps; checkpoint {last_path}, grids and metrics in {logger.results}")
+    logger.close()
     utils.cleanup_distributed()
     # the trained modules (unwrapped) are returned for callers such as tests; the checkpoint is the record
     return {"step": step, "checkpoint": str(last_path), "model": model, "discriminator": disc, "ema": ema}

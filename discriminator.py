@@ -54,6 +54,12 @@ class Discriminator(nn.Module):
         return self.main(x)
 
 
+def min_input_size(n_layers: int = 3) -> int:
+    """Smallest image side the discriminator takes: its n_layers stride-2 4x4 convs (padding 1) halve the
+    side, then two stride-1 ones take a pixel each, and at least one must remain: 3 * 2**n_layers."""
+    return 3 * 2 ** n_layers
+
+
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """Discriminator hinge loss: 0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(G(z)))])."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())

@@ -32,6 +32,8 @@ from tqdm import tqdm
 
 import hub
 import utils
+from lpips import MIN_SIZE as LPIPS_MIN_SIZE
+from mingpt import check_sampling
 from utils import UserError, field
 
 PYTORCH_FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -61,8 +63,22 @@ class EvalConfig:
     transformer_path: str = field("", "stage-two checkpoint; with --num-samples, also report gFID and gKID")
     num_samples: int = field(0, "images to sample from --transformer-path for gFID (0: none)")
     temperature: float = field(1.0, "sampling temperature for gFID samples")
-    top_k: int = field(0, "sampling top-k for gFID samples (0: off)")
+    top_k: int | None = field(None, "sampling top-k for gFID samples (none: all codes)")
     seed: int = field(0, "seed for KID subsets and transformer samples")
+
+    def validate(self):
+        """Raise UserError (one line: the flag, its range, what to do) for any setting this run would
+        fail on, including the gFID sampling settings used only at its end (mingpt.check_sampling).
+        The checks that need the checkpoint (--image-size against it) follow in main once it is loaded."""
+        if not self.checkpoint_path:
+            raise UserError("--checkpoint-path is required (the vqgan_last.pt written by training_vqgan.py)")
+        utils.check_ranges(self, {"batch_size": ">= 1", "image_size": ">= 0", "num_workers": ">= 0",
+                                  "kid_subsets": ">= 1", "kid_subset_size": ">= 2", "num_samples": ">= 0",
+                                  "seed": utils.SEED_RANGE})
+        if self.num_samples > 0 and not self.transformer_path:
+            raise UserError("--num-samples needs --transformer-path (a checkpoint from training_transformer.py)")
+        with utils.as_user_error():
+            check_sampling(self.temperature, self.top_k, flags=True)
 
 
 # ----------------------------------------------------------------------------- pixel metrics
@@ -384,12 +400,7 @@ def format_table(results: dict) -> str:
 
 def main(argv=None):
     cfg, _ = utils.parse_config(EvalConfig, argv, description=__doc__.split("\n")[0])
-    if not cfg.checkpoint_path:
-        raise UserError("--checkpoint-path is required (the vqgan_last.pt written by training_vqgan.py)")
-    if cfg.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    if cfg.num_samples > 0 and not cfg.transformer_path:
-        raise UserError("--num-samples needs --transformer-path (a checkpoint from training_transformer.py)")
+    cfg.validate()  # every setting, gFID sampling included, before any model, data or metric
     if cfg.transformer_path and not (Path(cfg.transformer_path).expanduser().is_file()
                                      or hub.is_pretrained(cfg.transformer_path)):
         raise UserError(f"transformer checkpoint {cfg.transformer_path!r} not found")
@@ -406,6 +417,25 @@ def main(argv=None):
         raise UserError(f"--image-size {image_size} is not divisible by the downsampling factor {f}")
     if image_size < 11:
         raise UserError(f"--image-size {image_size} is below SSIM's 11x11 window")
+    if cfg.lpips and image_size < LPIPS_MIN_SIZE:
+        raise UserError(f"--image-size {image_size} is below LPIPS's minimum of {LPIPS_MIN_SIZE} px "
+                        "(VGG16 halves it four times); raise --image-size or pass --no-lpips")
+    trained = model.config.image_size
+    if image_size >= 2 * trained:
+        # convolutions cost ~ pixels; the attention over the h*w latent grid ~ (h*w)^2 (memory too, when
+        # the attention kernel materialises it)
+        r = image_size / trained
+        print(f"warning: --image-size {image_size} is {r:g}x the checkpoint's {trained} px training size: "
+              f"about {r * r:g}x the pixels and {r ** 4:g}x the attention work per image, for a size the "
+              "model was not trained at; lower --batch-size if memory runs out, or drop --image-size",
+              file=sys.stderr)
+    transformer = None
+    if cfg.transformer_path and cfg.num_samples > 0:
+        from transformer import load_transformer
+        try:  # loaded before any metric runs, so a wrong file never costs the reconstruction pass
+            transformer = load_transformer(cfg.transformer_path, device)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     data_root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else utils.DEMO_DATA
     files = utils.find_images(data_root)
     loader = DataLoader(utils.ImageDataset(files, image_size, train=False), batch_size=cfg.batch_size,
@@ -439,13 +469,8 @@ def main(argv=None):
     if cfg.transformer_path and cfg.num_samples > 0:
         results.update(gfid=None, gkid=None, gkid_std=None)
         if inception is not None and len(real) >= 2 and cfg.num_samples >= 2:
-            from transformer import load_transformer
-            try:
-                transformer = load_transformer(cfg.transformer_path, device)
-            except ValueError as e:
-                raise UserError(str(e)) from None
             fake = sample_features(transformer, inception, cfg.num_samples, cfg.batch_size, cfg.seed,
-                                   cfg.temperature, cfg.top_k or None)
+                                   cfg.temperature, cfg.top_k)
             results["gfid"] = fid_from_features(real, fake)
             results["gkid"], results["gkid_std"] = kernel_inception_distance(
                 real, fake, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)

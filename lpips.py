@@ -26,6 +26,8 @@ ENV_NO_DOWNLOAD = "VQGAN_NO_DOWNLOAD"
 
 # torchvision's vgg16 "D" config, kept only up to relu5_3: features[0..29].
 _VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+# Smallest input side: relu5_3, the last tap, follows four 2x2 poolings, which leave a smaller image no pixel.
+MIN_SIZE = 2 ** _VGG16_CFG.count("M")
 # Indices of the 13 convs in torchvision's vgg16().features, in order.
 VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 # Indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in vgg16().features (lpips' slice ends).

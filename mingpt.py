@@ -13,6 +13,8 @@ loop yourself with `allocate_cache` and `forward_cached` (see `generate` for the
 """
 
 import inspect
+import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import torch
@@ -62,17 +64,52 @@ def attention_mask(pos, T, n_unmasked, device=None):
     return allowed
 
 
+def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   cfg_scale: float = 1.0, keep_fraction: float = 0.5, labels_given: bool | None = None,
+                   flags: bool = False, labels_name: str = "labels"):
+    """The one check of sampling settings, shared by the library and the three scripts that sample.
+
+    Raises ValueError naming the first setting out of range, its allowed range and a typical value:
+    temperature a finite number >= 0 (0: greedy); top_k None or a whole number >= 1; top_p None or
+    in (0, 1]; cfg_scale a finite number >= 0 (1: no guidance), and != 1 only with labels
+    (labels_given False is refused; None: not known here); keep_fraction in [0, 1]. With `flags`
+    the settings are named as command-line flags (--top-k), else as arguments (top_k); the rest
+    of the wording is the same, so a script's one-line error reads like the library's."""
+    def name(arg: str) -> str:
+        return "--" + arg.replace("_", "-") if flags else arg
+
+    def finite(v) -> bool:
+        return (isinstance(v, numbers.Real) and not isinstance(v, bool)
+                and (isinstance(v, numbers.Integral) or math.isfinite(v)))
+
+    if not (finite(temperature) and temperature >= 0):
+        raise ValueError(f"{name('temperature')} {temperature} is out of range: it must be a finite number >= 0 "
+                         "(0: greedy, 1: the model's own distribution)")
+    if top_k is not None and not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool)
+                                  and top_k >= 1):
+        raise ValueError(f"{name('top_k')} {top_k} is out of range: it must be a whole number >= 1, "
+                         "e.g. 100 (none: sample from all codes)")
+    if top_p is not None and not (finite(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"{name('top_p')} {top_p} is out of range: it must be in (0, 1], e.g. 0.9 (none: off)")
+    if not (finite(cfg_scale) and cfg_scale >= 0):
+        raise ValueError(f"{name('cfg_scale')} {cfg_scale} is out of range: it must be a finite number >= 0, "
+                         "e.g. 3 (1: no guidance)")
+    if cfg_scale != 1 and labels_given is False:
+        raise ValueError(f"{name('cfg_scale')} {cfg_scale} needs {labels_name}: guidance mixes class-conditional "
+                         f"and unconditional predictions; give {labels_name}, or leave {name('cfg_scale')} at 1")
+    if not (finite(keep_fraction) and 0 <= keep_fraction <= 1):
+        raise ValueError(f"{name('keep_fraction')} {keep_fraction} is out of range: it must be in [0, 1], "
+                         "the share of code rows kept, e.g. 0.5")
+
+
 def top_k_top_p_filter(logits, top_k=None, top_p=None):
     """Return logits (..., V) with tokens outside the top-k and the top-p nucleus set to -inf."""
+    check_sampling(top_k=top_k, top_p=top_p)
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         k = min(top_k, logits.size(-1))
         kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)  # (..., V)
         probs = F.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens ranked above it already hold >= top_p of the mass:
@@ -86,11 +123,18 @@ def top_k_top_p_filter(logits, top_k=None, top_p=None):
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, do_sample=True, generator=None):
     """Pick one token per row from logits (B, V): greedy if temperature == 0 or not do_sample; returns (B, 1)."""
+    check_sampling(temperature, top_k, top_p)
     if not do_sample or temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    logits = top_k_top_p_filter(logits / temperature, top_k, top_p)
+    # Shifted so the largest logit is 0 before dividing, and the temperature kept within the dtype's
+    # normal numbers (it would round to 0 or inf): a tiny temperature then sends the other logits to
+    # -inf, where dividing the raw ones would overflow to inf and softmax would give NaN. +inf (a huge
+    # guidance scale overflows) becomes the dtype's largest number, so the shift never takes inf - inf.
+    finfo = torch.finfo(logits.dtype)
+    logits = logits.clamp(max=finfo.max)
+    t = min(max(temperature, finfo.tiny), finfo.max)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / t  # (B, V), max 0
+    logits = top_k_top_p_filter(logits, top_k, top_p)
     probs = F.softmax(logits, dim=-1)  # (B, V)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
@@ -285,6 +329,7 @@ class GPT(nn.Module):
         logits_processor=None,
     ):
         """Append max_new_tokens sampled tokens to idx (B, t); greedy if temperature == 0 or not do_sample; returns (B, t + max_new_tokens)."""
+        check_sampling(temperature, top_k, top_p)
         B, t = idx.shape
         if max_new_tokens <= 0:
             return idx

@@ -17,6 +17,7 @@ from torchvision.utils import save_image
 
 import hub
 import utils
+from mingpt import check_sampling
 from transformer import load_transformer
 from utils import UserError, field
 
@@ -31,7 +32,8 @@ class SampleConfig:
     out_dir: str = field("samples", "where the PNGs and the grid go")
     complete: str = field("", "an image file: keep the top half of its codes and sample the bottom half")
     keep_fraction: float = field(0.5, "with --complete: share of code rows kept from the image")
-    class_label: str = field("", "class name or index for conditional models (empty: unconditional)")
+    class_label: str = field("", "class of a conditional model: its folder name, or else its index in the sorted "
+                                 "names (refused when the names are numbers too); empty: unconditional")
     cfg_scale: float = field(1.0, "classifier-free guidance scale with --class-label (1: none)")
     temperature: float = field(1.0, "sampling temperature (0: greedy)")
     top_k: int | None = field(None, "sample from the k most likely codes only (none: all)")
@@ -40,25 +42,48 @@ class SampleConfig:
     seed: int = field(0, "random seed")
     device: str = field("auto", "auto, cpu, cuda, cuda:N or mps")
 
+    def validate(self):
+        """Raise UserError (one line: the flag, its range, what to do) for any setting this run would
+        fail on: counts, the sampling settings (mingpt.check_sampling; --cfg-scale needs --class-label)
+        and a --complete file that is no readable image. Runs before the model loads or a folder is made."""
+        utils.check_ranges(self, {"num_samples": ">= 1", "batch_size": ">= 1", "seed": utils.SEED_RANGE})
+        with utils.as_user_error():
+            check_sampling(self.temperature, self.top_k, self.top_p, self.cfg_scale, self.keep_fraction,
+                           labels_given=self.class_label != "", flags=True, labels_name="--class-label")
+        if self.complete:
+            path = Path(self.complete).expanduser()
+            if not path.is_file():
+                raise UserError(f"--complete: no image file {str(path)!r}")
+            if (why := utils.check_image(path)) is not None:
+                raise UserError(f"--complete: cannot read {path} as an image ({why}); pass a "
+                                f"{', '.join(sorted(utils.IMAGE_EXTENSIONS))} file")
+
 
 def parse_label(model, label: str):
-    """A class name or index -> label id, or None for unconditional sampling."""
+    """A class name or index -> label id, or None for unconditional sampling.
+
+    The rule: a label equal to a class name (a first-level folder of the training data) is that class;
+    otherwise a whole number is an index into the sorted names (or the class id of a model without
+    names, such as taming's). An index that is not a name, while some names are numbers themselves
+    (folders `3/` and `7/`), is ambiguous and refused."""
     if label == "":
         return None
     if model.num_classes == 0:
         raise UserError("--class-label given, but this model is unconditional (trained without --conditional)")
     if label in model.class_names:
         return model.class_names.index(label)
+    names = ", ".join(repr(c) for c in model.class_names) or f"0..{model.num_classes - 1}"
+    if label.lstrip("-").isdigit() and any(c.isdigit() for c in model.class_names):
+        raise UserError(f"--class-label {label} is ambiguous: it is no class name, and the class names are "
+                        f"numbers too ({names}), so an index could be misread; pass a class name")
     if label.lstrip("-").isdigit() and 0 <= int(label) < model.num_classes:
         return int(label)
-    names = ", ".join(repr(c) for c in model.class_names) or f"0..{model.num_classes - 1}"
     raise UserError(f"unknown --class-label {label!r}; choose from {names}")
 
 
 def main(argv=None):
     cfg, _ = utils.parse_config(SampleConfig, argv, description=__doc__.split("\n")[0])
-    if cfg.num_samples < 1 or cfg.batch_size < 1:
-        raise UserError("--num-samples and --batch-size must be at least 1")
+    cfg.validate()  # every setting, before the model loads or --out-dir is made
     device = utils.resolve_device(cfg.device)
     path = Path(cfg.transformer_path).expanduser()
     if not path.is_file() and not hub.is_pretrained(path):
@@ -74,8 +99,6 @@ def main(argv=None):
                         f"(a class id in 0..{model.num_classes - 1})")
     if getattr(model, "taming", False) and cfg.cfg_scale != 1.0:
         raise UserError("--cfg-scale needs a model trained with class dropout; taming's models have none")
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     kw = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=g, cfg_scale=cfg.cfg_scale)
 
@@ -83,8 +106,11 @@ def main(argv=None):
     original = None
     if cfg.complete:
         image_path = Path(cfg.complete).expanduser()
-        if not image_path.is_file():
-            raise UserError(f"--complete: no image file {str(image_path)!r}")
+        try:  # damage in the middle of a file passes check_image; say so for this one file
+            utils.load_image(image_path)
+        except Exception as e:  # Pillow raises OSError, SyntaxError, struct.error... on damaged files
+            raise UserError(f"--complete: cannot read {image_path} as an image ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); pass an undamaged image file") from None
         original = utils.ImageDataset([image_path], size, train=False)[0][0][None].to(device)  # (1, 3, S, S)
         codes = model.encode_to_indices(original)  # (1, h*w)
 
@@ -99,6 +125,8 @@ def main(argv=None):
         images.append(model.indices_to_image(idx).cpu())
     images = torch.cat(images)  # (N, 3, S, S) in [-1, 1]
 
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     stem = "completion" if original is not None else "sample"
     for i, img in enumerate(images):
         save_image(img, out / f"{stem}_{i:04d}.png", normalize=True, value_range=(-1, 1))

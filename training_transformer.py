@@ -31,7 +31,7 @@ import hub
 import loggers
 import plots
 import utils
-from mingpt import GPT_PRESETS
+from mingpt import GPT_PRESETS, check_sampling
 from training_vqgan import EpochBatchSampler, StopFlag
 from transformer import TransformerConfig, VQGANTransformer, build_from_checkpoint, model_dict, weights_digest
 from utils import UserError, field
@@ -91,6 +91,32 @@ class TrainConfig:
     top_p: float | None = field(None, "nucleus sampling mass (none: off)")
     cfg_scale: float = field(1.0, "classifier-free guidance scale for conditional grids (1: none)")
     resume: bool = field(False, "continue from <out-dir>/checkpoints/transformer_last.pt at its exact step")
+
+    def validate(self):
+        """Raise UserError (one line: the flag, its range, what to do) for any setting this run would
+        fail on, at any point: numeric ranges, the GPT's shape, and the sampling settings of the
+        per-epoch and final grids (mingpt.check_sampling), so a bad one never costs an epoch."""
+        utils.check_ranges(self, {
+            "n_layer": ">= 1", "n_head": ">= 1", "n_embd": ">= 1", "embd_pdrop": "[0, 1)", "resid_pdrop": "[0, 1)",
+            "attn_pdrop": "[0, 1)", "batch_size": ">= 1", "grad_accum_steps": ">= 1", "weight_ema_decay": "[0, 1)",
+            "epochs": ">= 0", "max_steps": ">= 0", "learning_rate": ">= 0", "min_lr_ratio": "[0, 1]",
+            "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)", "warmup_steps": ">= 0",
+            "grad_clip": ">= 0", "pkeep": "(0, 1]", "cfg_dropout": "[0, 1)", "num_augmentations": ">= 1",
+            "num_workers": ">= 0", "seed": utils.SEED_RANGE, "log_every": ">= 1", "num_grid_images": ">= 0"})
+        if self.val_fraction >= 1:
+            raise UserError(f"--val-fraction {self.val_fraction} would hold out every image for validation, "
+                            "leaving none to train on; use a value in [0, 1), e.g. 0.1")
+        utils.check_ranges(self, {"val_fraction": "[0, 1)"})
+        if self.epochs == 0 and self.max_steps == 0:
+            raise UserError("--epochs 0 and --max-steps 0 leave nothing to train; give one of them")
+        if self.n_embd % self.n_head:
+            raise UserError(f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}")
+        with utils.as_user_error():
+            check_sampling(self.temperature, self.top_k, self.top_p, self.cfg_scale,
+                           labels_given=self.conditional, flags=True, labels_name="--conditional")
+        if self.cfg_scale != 1 and self.cfg_dropout == 0:
+            raise UserError(f"--cfg-scale {self.cfg_scale} needs an unconditional model, which --cfg-dropout 0 "
+                            "never trains; use --cfg-dropout 0.1 or --cfg-scale 1")
 
 
 TRAIN_PRESETS: dict[str, dict] = {
@@ -311,14 +337,7 @@ def main(argv=None):
         if ckpt.get("kind") != "transformer":
             raise UserError(f"{last_path} is not a stage-two checkpoint (kind: {ckpt.get('kind')})")
         cfg = resume_config(cfg, given, ckpt)
-    if cfg.batch_size < 1 or cfg.num_augmentations < 1 or cfg.grad_accum_steps < 1:
-        raise UserError("--batch-size, --num-augmentations and --grad-accum-steps must be at least 1")
-    if not 0.0 <= cfg.weight_ema_decay < 1.0:
-        raise UserError("--weight-ema-decay must be in [0, 1)")
-    if not 0.0 < cfg.pkeep <= 1.0 or not 0.0 <= cfg.cfg_dropout < 1.0:
-        raise UserError("--pkeep must be in (0, 1] and --cfg-dropout in [0, 1)")
-    if cfg.n_embd % cfg.n_head:
-        raise UserError(f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
+    cfg.validate()  # the whole run's settings (the grids' sampling too), before any data, encoding or training
     loggers.parse_names(cfg.logger)  # an unknown name or a missing package fails before any work
 
     # Under torchrun (RANK set) this joins the job: NCCL on cuda:LOCAL_RANK, else gloo.
@@ -332,6 +351,18 @@ def main(argv=None):
 
     data_root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else utils.DEMO_DATA
     files = utils.find_images(data_root)
+    # split by index, with the same helper and seed as stage one's image split; checked before encoding
+    train_idx, val_idx = utils.split_files(list(range(len(files))), cfg.val_fraction, cfg.seed)
+    if not train_idx:
+        raise UserError(f"--val-fraction {cfg.val_fraction} holds out all {len(files)} images in {data_root} "
+                        "for validation, leaving none to train on; lower --val-fraction (e.g. 0.1) or add images")
+    global_batch = cfg.batch_size * cfg.grad_accum_steps * world
+    if global_batch > len(train_idx) * cfg.num_augmentations:
+        product = (f" x --grad-accum-steps {cfg.grad_accum_steps} x {world} processes = {global_batch}"
+                   if global_batch != cfg.batch_size else "")
+        raise UserError(f"--batch-size {cfg.batch_size}{product} is larger than the "
+                        f"{len(train_idx) * cfg.num_augmentations} cached training sequences; lower --batch-size "
+                        "or raise --num-augmentations")
     class_names = sorted(set(utils.class_names(data_root, files))) if cfg.conditional else []
     labels_all = None
     if cfg.conditional:
@@ -358,8 +389,9 @@ def main(argv=None):
     # is the same whether or not the codes came from the cache. Per rank (pkeep corruption, class-token
     # dropout, dropout); the data order comes from the shared cfg.seed.
     utils.seed_everything(cfg.seed + rank)
-    # split by index, with the same helper and seed as stage one's image split
-    train_idx, val_idx = utils.split_files(list(range(len(files))), cfg.val_fraction, cfg.seed)
+    if not val_idx:
+        logger.log(f"note: no validation split ({len(files)} image(s), --val-fraction {cfg.val_fraction}): "
+                   "val_bits_per_token and grids use training images")
     train_idx, val_idx = torch.tensor(train_idx), torch.tensor(val_idx or train_idx)
     A, T = codes_all.shape[1], codes_all.shape[2]
     train_codes = codes_all[train_idx.to(device)].reshape(-1, T)  # (N_train * A, T), image-major
@@ -371,12 +403,6 @@ def main(argv=None):
     else:
         train_labels = val_labels = None
 
-    global_batch = cfg.batch_size * cfg.grad_accum_steps * world
-    if global_batch > len(train_codes):
-        product = (f" x --grad-accum-steps {cfg.grad_accum_steps} x {world} processes = {global_batch}"
-                   if global_batch != cfg.batch_size else "")
-        raise UserError(f"--batch-size {cfg.batch_size}{product} is larger than the {len(train_codes)} cached "
-                        "training sequences; lower --batch-size or raise --num-augmentations")
     steps_per_epoch = len(train_codes) // global_batch
     # The schedule spans --epochs (or --max-steps with --epochs 0); --max-steps alone only stops
     # early, so a run stopped there and resumed follows the same learning rates as an unbroken one.

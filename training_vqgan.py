@@ -28,7 +28,8 @@ import loggers
 import plots
 import utils
 from codebook import stats_from_counts
-from discriminator import LeCAM, Discriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+from discriminator import LeCAM, Discriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, min_input_size
+from lpips import MIN_SIZE as LPIPS_MIN_SIZE
 from utils import UserError, field
 from vqgan import PRESETS as ARCH_PRESETS, VQGAN, VQGANConfig
 
@@ -100,6 +101,71 @@ class TrainConfig(VQGANConfig):
                                      "diffusion .ckpt, a save_pretrained folder or a Hugging Face Hub repo id) "
                                      "and fine-tune; its architecture is used")
     taming_config: str = field("", "the taming project.yaml for --checkpoint-path (default: found beside it)")
+
+    def validate(self, architecture_from_checkpoint: bool = False):
+        """Raise UserError (one line: the flag, its range, what to do) for any setting this run would
+        fail on, at any point: numeric ranges, then the architecture at --image-size (downsampling,
+        attention levels, GroupNorm), and the parts used later in the run (the discriminator once
+        --disc-start is reached, LPIPS at every step and validation). Needs no data and no files.
+        `architecture_from_checkpoint` (resume, fine-tuning): attention levels missing at this size are
+        not refused, as the flags can't change them there and the model runs without them."""
+        if self.in_channels != 3:
+            raise UserError(f"--in-channels {self.in_channels}: images are loaded as RGB, so it must be 3")
+        utils.check_ranges(self, {
+            "ch": ">= 1", "num_res_blocks": ">= 1",
+            "dropout": "[0, 1)", "z_channels": ">= 1", "num_groups": ">= 1", "latent_dim": ">= 1",
+            "num_codebook_vectors": ">= 1", "beta": ">= 0", "codebook_dim": ">= 1", "ema_decay": "[0, 1)",
+            "dead_code_steps": ">= 1",
+            "batch_size": ">= 1", "grad_accum_steps": ">= 1", "weight_ema_decay": "[0, 1)", "epochs": ">= 0",
+            "max_steps": ">= 0", "learning_rate": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)",
+            # 10 discriminator layers already need 3072 px images (discriminator.min_input_size)
+            "disc_start": ">= 0", "disc_factor": ">= 0", "disc_weight": ">= 0", "disc_ndf": ">= 1",
+            "disc_layers": "[1, 10]", "rec_loss_factor": ">= 0", "perceptual_loss_factor": ">= 0",
+            "codebook_weight": ">= 0", "num_workers": ">= 0", "seed": utils.SEED_RANGE,
+            "log_every": ">= 1", "sample_every": ">= 1", "save_every": ">= 1", "keep_checkpoints": ">= 0",
+            "warmup_steps": ">= 0", "min_lr_ratio": "[0, 1]", "disc_learning_rate": ">= 0",
+            "max_adaptive_weight": "> 0", "gan_ramp_steps": ">= 0", "lecam_weight": ">= 0", "max_seconds": ">= 0"})
+        if self.val_fraction >= 1:
+            raise UserError(f"--val-fraction {self.val_fraction} would hold out every image for validation, "
+                            "leaving none to train on; use a value in [0, 1), e.g. 0.1")
+        utils.check_ranges(self, {"val_fraction": "[0, 1)"})
+        if self.epochs == 0 and self.max_steps == 0:
+            raise UserError("--epochs 0 and --max-steps 0 leave nothing to train; give one of them")
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise UserError(f"--ch-mult {' '.join(map(str, self.ch_mult)) or '(no values)'}: give one channel "
+                            "multiplier >= 1 per level, e.g. --ch-mult 1 2 2 4")
+        f = 2 ** (len(self.ch_mult) - 1)
+        # the smallest side every part of the run takes: one latent cell, the discriminator, LPIPS
+        need = max(f, min_input_size(self.disc_layers) if self.disc_factor > 0 else 1,
+                   LPIPS_MIN_SIZE if self.perceptual_loss_factor > 0 else 1)
+        suggestion = max(-(-need // f) * f, self.image_size // f * f)
+        if self.image_size < 1:
+            raise UserError(f"--image-size {self.image_size} is out of range: it must be a positive multiple of "
+                            f"the downsampling factor {f} (2**(len(ch_mult)-1)); try {suggestion}")
+        if self.image_size % f:
+            raise UserError(f"--image-size {self.image_size} is not divisible by the downsampling factor {f} "
+                            f"(2**(len(ch_mult)-1)); try {suggestion}")
+        levels = [self.image_size // 2 ** i for i in range(len(self.ch_mult))]  # side at each level
+        missing = [r for r in self.attn_resolutions if r not in levels]
+        if missing and not architecture_from_checkpoint:
+            raise UserError(f"--attn-resolutions {' '.join(map(str, missing))}: no level has that side at "
+                            f"--image-size {self.image_size} (levels: {', '.join(map(str, levels))}); "
+                            "pick from those, or give no value for attention in the middle block only")
+        channels = sorted({self.ch * m for m in (1, *self.ch_mult)})
+        if any(c % self.num_groups for c in channels):
+            common = math.gcd(*channels)
+            divisors = {d for i in range(1, math.isqrt(common) + 1) if common % i == 0 for d in (i, common // i)}
+            fits = max(d for d in divisors if d <= self.num_groups)
+            raise UserError(f"--num-groups {self.num_groups} does not divide every level's channels "
+                            f"(--ch x --ch-mult: {', '.join(map(str, channels))}); try --num-groups {fits}")
+        if self.disc_factor > 0 and self.image_size < (disc_min := min_input_size(self.disc_layers)):
+            raise UserError(f"--image-size {self.image_size} is too small for the discriminator with "
+                            f"--disc-layers {self.disc_layers}, which needs at least {disc_min} px (3 x 2**layers); "
+                            f"try --image-size {suggestion}, fewer --disc-layers, or --disc-factor 0 (no GAN)")
+        if self.perceptual_loss_factor > 0 and self.image_size < LPIPS_MIN_SIZE:
+            raise UserError(f"--image-size {self.image_size} is below LPIPS's minimum of {LPIPS_MIN_SIZE} px "
+                            f"(VGG16 halves it four times); try --image-size {suggestion}, or "
+                            "--perceptual-loss-factor 0 (no LPIPS)")
 
 
 # Training defaults per preset, on top of the architecture presets in vqgan.py.
@@ -458,15 +524,8 @@ def main(argv=None):
     init_model_sd = init_disc_sd = None
     if cfg.checkpoint_path and ckpt is None:
         cfg, init_model_sd, init_disc_sd = finetune_config(cfg, given)
-
+    cfg.validate(architecture_from_checkpoint=ckpt is not None or bool(cfg.checkpoint_path))  # before any work
     f = 2 ** (len(cfg.ch_mult) - 1)
-    if cfg.image_size % f:
-        raise UserError(f"--image-size {cfg.image_size} is not divisible by the downsampling factor {f} "
-                        f"(2**(len(ch_mult)-1)); try {max(f, cfg.image_size // f * f)}")
-    if cfg.batch_size < 1 or cfg.grad_accum_steps < 1:
-        raise UserError("--batch-size and --grad-accum-steps must be at least 1")
-    if not 0.0 <= cfg.weight_ema_decay < 1.0:
-        raise UserError("--weight-ema-decay must be in [0, 1)")
     loggers.parse_names(cfg.logger)  # an unknown name or a missing package fails before any work
 
     # Under torchrun (RANK set) this joins the job: NCCL on cuda:LOCAL_RANK, else gloo.
@@ -482,6 +541,9 @@ def main(argv=None):
     data_root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else utils.DEMO_DATA
     files = utils.find_images(data_root)
     train_files, val_files = utils.split_files(files, cfg.val_fraction, cfg.seed)
+    if not train_files:
+        raise UserError(f"--val-fraction {cfg.val_fraction} holds out all {len(files)} images in {data_root} "
+                        "for validation, leaving none to train on; lower --val-fraction (e.g. 0.1) or add images")
     global_batch = cfg.batch_size * cfg.grad_accum_steps * world
     if global_batch > len(train_files):
         product = (f" x --grad-accum-steps {cfg.grad_accum_steps} x {world} processes = {global_batch}"
@@ -570,6 +632,9 @@ def main(argv=None):
                f"{cfg.image_size // f}x{cfg.image_size // f}, {cfg.num_codebook_vectors} codes; "
                f"{steps_per_epoch} steps/epoch, {total_steps} steps; {world} process(es), global batch "
                f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum_steps} accumulated x {world}")
+    if not val_files:
+        logger.log(f"note: no validation split ({len(files)} image(s), --val-fraction {cfg.val_fraction}): "
+                   "val_* metrics and grids use training images")
     if total_steps <= step:
         logger.log(f"nothing to do: already at step {step} of {total_steps}")
 

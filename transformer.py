@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 
 import hub
-from mingpt import GPT, sample_next_token
+from mingpt import GPT, check_sampling, sample_next_token
 from vqgan import VQGAN, VQGANConfig
 
 
@@ -225,7 +225,9 @@ class VQGANTransformer(nn.Module, PyTorchModelHubMixin, paper_url=hub.PAPER_URL,
         prefix: (B, n) codes to keep as the first n tokens (completion). labels: (B,) class ids, or
         None for unconditional; with labels and cfg_scale != 1, classifier-free guidance.
         temperature 0 is greedy. seed makes a private generator; the global RNG is never touched.
+        Settings out of range (mingpt.check_sampling), or cfg_scale != 1 without labels, raise ValueError.
         """
+        check_sampling(temperature, top_k, top_p, cfg_scale, labels_given=labels is not None)
         device = self.gpt.head.weight.device
         if generator is None and seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
@@ -257,8 +259,7 @@ class VQGANTransformer(nn.Module, PyTorchModelHubMixin, paper_url=hub.PAPER_URL,
 
     def num_kept(self, keep_fraction: float) -> int:
         """Tokens kept by a completion: the first round(h * keep_fraction) rows of the grid."""
-        if not 0.0 <= keep_fraction <= 1.0:
-            raise ValueError(f"keep_fraction must be in [0, 1], got {keep_fraction}")
+        check_sampling(keep_fraction=keep_fraction)
         return round(self.latent_hw[0] * keep_fraction) * self.latent_hw[1]
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import errno
 import json
+import math
 import os
 import random
 import struct
@@ -348,6 +349,50 @@ def field(default, help: str = "", **metadata):
         return dataclasses.field(default_factory=lambda: type(default)(default),
                                  metadata={"help": help, **metadata})
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: 'batch_size' -> '--batch-size'."""
+    return "--" + name.replace("_", "-")
+
+
+# --seed's range in every script: numpy's np.random.seed takes 0 .. 2**32 - 1 and default_rng no negatives,
+# and seed * 1_000_003 + epoch (training's data order) must fit torch's 64-bit generator seeds.
+SEED_RANGE = f"[0, {2 ** 32 - 1}]"
+
+
+def check_ranges(cfg, ranges: dict[str, str]):
+    """Raise UserError for the first field of `cfg` outside its range, naming the flag, the range and
+    what the flag does (its help text). Ranges read '>= 1', '> 0' or an interval such as '[0, 1)';
+    a field that is None (an optional setting left off) passes. NaN and infinities never pass."""
+    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cfg)}
+    for name, rule in ranges.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if rule.startswith((">=", ">")):
+            low, high = float(rule.lstrip(">= ")), math.inf
+            closed_low, closed_high = rule.startswith(">="), False
+            text = f"at least {rule[2:].strip()}" if closed_low else f"above {rule[1:].strip()}"
+        else:
+            low, high = (float(v) for v in rule[1:-1].split(","))
+            closed_low, closed_high = rule[0] == "[", rule[-1] == "]"
+            text = f"in {rule}"
+        ok = ((isinstance(value, int) or math.isfinite(value)) and (value >= low if closed_low else value > low)
+              and (value <= high if closed_high else value < high))
+        if not ok:
+            what = f" ({helps[name]})" if helps.get(name) else ""
+            raise UserError(f"{flag(name)} {value} is out of range: it must be {text}{what}")
+
+
+@contextlib.contextmanager
+def as_user_error():
+    """Re-raise a ValueError from the block (a library check, such as mingpt.check_sampling) as a
+    UserError with the same one-line message."""
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(str(e).splitlines()[0]) from None
 
 
 def resumed_config(cfg, given: set, saved: dict, fixed: tuple, what: str):

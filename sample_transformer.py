@@ -4,8 +4,11 @@
     python sample_transformer.py --num-samples 8 --top-k 100 --temperature 0.9
     python sample_transformer.py --complete photo.jpg --num-samples 4   # original | 4 completions
     python sample_transformer.py --class-label cats --cfg-scale 3       # conditional models
+    python sample_transformer.py --samples-per-class 8 --cfg-scale 3   # one grid row per class
 
-Writes sample_NNNN.png files plus grid.png (or completion_NNNN.png plus completions.png) to --out-dir.
+Writes sample_NNNN.png files plus grid.png (or completion_NNNN.png plus completions.png) to --out-dir;
+with --samples-per-class, <class>/sample_NNNN.png (a class-folder tree, as the training data) plus
+class_grid.png with one row per class, in class order.
 """
 
 import json
@@ -28,7 +31,10 @@ class SampleConfig:
     complete: str = field("", "an image file: keep the top half of its codes and sample the bottom half")
     keep_fraction: float = field(0.5, "with --complete: share of code rows kept from the image")
     class_label: str = field("", "class name or index for conditional models (empty: unconditional)")
-    cfg_scale: float = field(1.0, "classifier-free guidance scale with --class-label (1: none)")
+    samples_per_class: int = field(0, "conditional models: this many samples of every class, one grid row "
+                                   "per class (replaces --num-samples and --class-label; 0: off)")
+    cfg_scale: float = field(1.0, "classifier-free guidance scale with --class-label or --samples-per-class "
+                             "(1: none)")
     temperature: float = field(1.0, "sampling temperature (0: greedy)")
     top_k: int | None = field(None, "sample from the k most likely codes only (none: all)")
     top_p: float | None = field(None, "nucleus sampling mass (none: off)")
@@ -51,10 +57,39 @@ def parse_label(model, label: str):
     raise UserError(f"unknown --class-label {label!r}; choose from {names}")
 
 
+@torch.no_grad()
+def sample_classes(model, cfg, out: Path, kw: dict) -> dict:
+    """cfg.samples_per_class samples of every class -> out/<class>/sample_NNNN.png, and class_grid.png
+    with one row per class (class order, the model's class ids)."""
+    device = model.gpt.head.weight.device
+    n = cfg.samples_per_class
+    labels = torch.arange(model.num_classes, device=device).repeat_interleave(n)  # (C*n,): 0,0,..,1,1,..
+    images = []
+    for start in range(0, len(labels), cfg.batch_size):
+        y = labels[start : start + cfg.batch_size]
+        images.append(model.indices_to_image(model.generate(len(y), labels=y, **kw)).cpu())
+    images = torch.cat(images)  # (C*n, 3, S, S) in [-1, 1], class by class
+    names = list(model.class_names) or [str(c) for c in range(model.num_classes)]
+    paths = []
+    for i, img in enumerate(images):
+        folder = out / names[i // n]
+        folder.mkdir(parents=True, exist_ok=True)
+        paths.append(folder / f"sample_{i % n:04d}.png")
+        save_image(img, paths[-1], normalize=True, value_range=(-1, 1))
+    grid_path = out / "class_grid.png"
+    utils.save_grid([images], grid_path, nrow=n)  # n per row: row c is class c
+    print(json.dumps({"images": len(images), "classes": len(names), "out_dir": str(out), "grid": str(grid_path)}))
+    return {"images": [str(p) for p in paths], "labels": labels.tolist(), "grid": str(grid_path)}
+
+
 def main(argv=None):
     cfg, _ = utils.parse_config(SampleConfig, argv, description=__doc__.split("\n")[0])
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise UserError("--num-samples and --batch-size must be at least 1")
+    if cfg.samples_per_class < 0:
+        raise UserError("--samples-per-class must be at least 0 (0: off)")
+    if cfg.samples_per_class and (cfg.class_label or cfg.complete):
+        raise UserError("--samples-per-class samples every class; drop --class-label and --complete")
     device = utils.resolve_device(cfg.device)
     path = Path(cfg.transformer_path).expanduser()
     if not path.is_file():
@@ -64,8 +99,11 @@ def main(argv=None):
         model = load_transformer(path, device)
     except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(str(e).splitlines()[0]) from None
+    if cfg.samples_per_class and model.num_classes == 0:
+        raise UserError("--samples-per-class needs a class-conditional model (trained with --conditional); "
+                        "this one is unconditional")
     label = parse_label(model, cfg.class_label)
-    if getattr(model, "taming", False) and model.num_classes and label is None:
+    if getattr(model, "taming", False) and model.num_classes and label is None and not cfg.samples_per_class:
         raise UserError("this taming-transformers model is class-conditional: pass --class-label "
                         f"(a class id in 0..{model.num_classes - 1})")
     if getattr(model, "taming", False) and cfg.cfg_scale != 1.0:
@@ -74,6 +112,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     kw = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=g, cfg_scale=cfg.cfg_scale)
+    if cfg.samples_per_class:
+        return sample_classes(model, cfg, out, kw)
 
     size = model.vqgan.config.image_size
     original = None

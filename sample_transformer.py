@@ -4,8 +4,11 @@
     python sample_transformer.py --num-samples 8 --top-k 100 --temperature 0.9
     python sample_transformer.py --complete photo.jpg --num-samples 4   # original | 4 completions
     python sample_transformer.py --class-label cats --cfg-scale 3       # conditional models
+    python sample_transformer.py --samples-per-class 8 --cfg-scale 3   # one grid row per class
 
-Writes sample_NNNN.png files plus grid.png (or completion_NNNN.png plus completions.png) to --out-dir.
+Writes sample_NNNN.png files plus grid.png (or completion_NNNN.png plus completions.png) to --out-dir;
+with --samples-per-class, <class>/sample_NNNN.png (a class-folder tree, as the training data) plus
+class_grid.png with one row per class, in class order.
 """
 
 import json
@@ -34,7 +37,10 @@ class SampleConfig:
     keep_fraction: float = field(0.5, "with --complete: share of code rows kept from the image")
     class_label: str = field("", "class of a conditional model: its folder name, or else its index in the sorted "
                                  "names (refused when the names are numbers too); empty: unconditional")
-    cfg_scale: float = field(1.0, "classifier-free guidance scale with --class-label (1: none)")
+    samples_per_class: int = field(0, "conditional models: this many samples of every class, one grid row "
+                                   "per class (replaces --num-samples and --class-label; 0: off)")
+    cfg_scale: float = field(1.0, "classifier-free guidance scale with --class-label or --samples-per-class "
+                             "(1: none)")
     temperature: float = field(1.0, "sampling temperature (0: greedy)")
     top_k: int | None = field(None, "sample from the k most likely codes only (none: all)")
     top_p: float | None = field(None, "nucleus sampling mass (none: off)")
@@ -46,10 +52,14 @@ class SampleConfig:
         """Raise UserError (one line: the flag, its range, what to do) for any setting this run would
         fail on: counts, the sampling settings (mingpt.check_sampling; --cfg-scale needs --class-label)
         and a --complete file that is no readable image. Runs before the model loads or a folder is made."""
-        utils.check_ranges(self, {"num_samples": ">= 1", "batch_size": ">= 1", "seed": utils.SEED_RANGE})
+        utils.check_ranges(self, {"num_samples": ">= 1", "batch_size": ">= 1", "seed": utils.SEED_RANGE,
+                                  "samples_per_class": ">= 0"})
+        if self.samples_per_class and (self.class_label or self.complete):
+            raise UserError("--samples-per-class samples every class; drop --class-label and --complete")
         with utils.as_user_error():
             check_sampling(self.temperature, self.top_k, self.top_p, self.cfg_scale, self.keep_fraction,
-                           labels_given=self.class_label != "", flags=True, labels_name="--class-label")
+                           labels_given=self.class_label != "" or self.samples_per_class > 0, flags=True,
+                           labels_name="--class-label")
         if self.complete:
             path = Path(self.complete).expanduser()
             if not path.is_file():
@@ -81,6 +91,31 @@ def parse_label(model, label: str):
     raise UserError(f"unknown --class-label {label!r}; choose from {names}")
 
 
+@torch.no_grad()
+def sample_classes(model, cfg, out: Path, kw: dict) -> dict:
+    """cfg.samples_per_class samples of every class -> out/<class>/sample_NNNN.png, and class_grid.png
+    with one row per class (class order, the model's class ids)."""
+    device = model.gpt.head.weight.device
+    n = cfg.samples_per_class
+    labels = torch.arange(model.num_classes, device=device).repeat_interleave(n)  # (C*n,): 0,0,..,1,1,..
+    images = []
+    for start in range(0, len(labels), cfg.batch_size):
+        y = labels[start : start + cfg.batch_size]
+        images.append(model.indices_to_image(model.generate(len(y), labels=y, **kw)).cpu())
+    images = torch.cat(images)  # (C*n, 3, S, S) in [-1, 1], class by class
+    names = list(model.class_names) or [str(c) for c in range(model.num_classes)]
+    paths = []
+    for i, img in enumerate(images):
+        folder = out / names[i // n]
+        folder.mkdir(parents=True, exist_ok=True)
+        paths.append(folder / f"sample_{i % n:04d}.png")
+        save_image(img, paths[-1], normalize=True, value_range=(-1, 1))
+    grid_path = out / "class_grid.png"
+    utils.save_grid([images], grid_path, nrow=n)  # n per row: row c is class c
+    print(json.dumps({"images": len(images), "classes": len(names), "out_dir": str(out), "grid": str(grid_path)}))
+    return {"images": [str(p) for p in paths], "labels": labels.tolist(), "grid": str(grid_path)}
+
+
 def main(argv=None):
     cfg, _ = utils.parse_config(SampleConfig, argv, description=__doc__.split("\n")[0])
     cfg.validate()  # every setting, before the model loads or --out-dir is made
@@ -93,14 +128,19 @@ def main(argv=None):
         model = load_transformer(path, device)
     except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(str(e).splitlines()[0]) from None
+    if cfg.samples_per_class and model.num_classes == 0:
+        raise UserError("--samples-per-class needs a class-conditional model (trained with --conditional); "
+                        "this one is unconditional")
     label = parse_label(model, cfg.class_label)
-    if getattr(model, "taming", False) and model.num_classes and label is None:
+    if getattr(model, "taming", False) and model.num_classes and label is None and not cfg.samples_per_class:
         raise UserError("this taming-transformers model is class-conditional: pass --class-label "
                         f"(a class id in 0..{model.num_classes - 1})")
     if getattr(model, "taming", False) and cfg.cfg_scale != 1.0:
         raise UserError("--cfg-scale needs a model trained with class dropout; taming's models have none")
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     kw = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=g, cfg_scale=cfg.cfg_scale)
+    if cfg.samples_per_class:
+        return sample_classes(model, cfg, out, kw)
 
     size = model.vqgan.config.image_size
     original = None

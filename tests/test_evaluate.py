@@ -232,7 +232,8 @@ def test_evaluate_end_to_end(tiny_run, tiny_features, tmp_path, capsys):
     ckpt, data = tiny_run
     out = tmp_path / "eval.json"
     results = evaluate.main(["--checkpoint-path", str(ckpt), "--dataset-path", str(data), "--json", str(out),
-                             "--batch-size", "4", "--num-workers", "0", "--kid-subsets", "5"])
+                             "--batch-size", "4", "--num-workers", "0", "--kid-subsets", "5",
+                             "--fid-cache-dir", str(tmp_path / "fid-cache")])
     saved = json.loads(out.read_text())
     for key in ("psnr", "ssim", "lpips", "rfid", "kid", "codebook_usage", "perplexity"):
         assert key in saved
@@ -268,7 +269,7 @@ def test_evaluate_gfid_from_a_transformer(tiny_run, tiny_features, tmp_path):
     utils.save_checkpoint(model_dict(tr), tr_path)
     out = tmp_path / "eval.json"
     evaluate.main(["--checkpoint-path", str(ckpt), "--dataset-path", str(data), "--json", str(out),
-                   "--num-workers", "0", "--no-lpips", "--kid-subsets", "5",
+                   "--num-workers", "0", "--no-lpips", "--kid-subsets", "5", "--fid-cache-dir", "",
                    "--transformer-path", str(tr_path), "--num-samples", "4"])
     saved = json.loads(out.read_text())
     assert saved["gfid"] > 0 and math.isfinite(saved["gkid"])
@@ -288,3 +289,165 @@ def test_user_errors_are_one_line_and_exit_2(tiny_run, capsys, args, match):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and match in err and "\n" not in err
+
+
+# ----------------------------------------------------------------------------- generation metrics
+
+class CountingFeatures(TinyFeatures):
+    """TinyFeatures that counts the images it has seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def forward(self, x):
+        self.seen += len(x)
+        return super().forward(x)
+
+
+def class_folder(root, per_class=3, classes=("a", "b")):
+    """A few generated 20x20 PNGs in class folders: the value of each image is distinct."""
+    from PIL import Image
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (20, 20), (40 * c + 10 * i, 100, 200 - 30 * i)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_sampling_labels_per_class_and_cycling():
+    assert evaluate.sampling_labels(3, samples_per_class=2).tolist() == [0, 0, 1, 1, 2, 2]
+    assert evaluate.sampling_labels(3, num_samples=5).tolist() == [0, 1, 2, 0, 1]
+    assert evaluate.sampling_labels(0, num_samples=5) is None
+
+
+class LabelEcho:
+    """A stand-in conditional sampler whose image i is filled with labels[i] / 10, recording its calls."""
+    num_classes = 3
+
+    def __init__(self):
+        self.calls = []
+
+    def sample(self, b, labels=None, seed=None, cfg_scale=1.0, **kw):
+        self.calls.append((b, labels.tolist(), seed, cfg_scale))
+        return labels.float().view(-1, 1, 1, 1).expand(b, 3, 8, 8) / 10
+
+
+class MeanFeature(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(1, 2, 3))[:, None].repeat(1, 4)  # (B, 4)
+
+
+def test_per_class_sampling_gives_every_row_its_label():
+    sampler = LabelEcho()
+    labels = evaluate.sampling_labels(3, samples_per_class=3)  # 9 samples in batches of 4, 4, 1
+    feats = evaluate.sample_features(sampler, MeanFeature(), 9, batch_size=4, seed=7, labels=labels, cfg_scale=2.5)
+    np.testing.assert_allclose(feats[:, 0], np.repeat([0.0, 0.1, 0.2], 3), atol=1e-6)
+    assert [c[0] for c in sampler.calls] == [4, 4, 1]
+    assert [y for c in sampler.calls for y in c[1]] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [c[2] for c in sampler.calls] == [7, 8, 9] and {c[3] for c in sampler.calls} == {2.5}
+    with pytest.raises(ValueError, match="labels"):
+        evaluate.sample_features(sampler, MeanFeature(), 5, 4, 0, labels=labels)
+
+
+def test_reference_features_are_cached_and_invalidated_when_the_folder_changes(tmp_path):
+    from PIL import Image
+    data = class_folder(tmp_path / "real")
+    cache = tmp_path / "cache"
+    torch.manual_seed(0)
+    net = CountingFeatures()
+
+    def features(size=16):
+        files = utils.find_images(data)
+        return evaluate.folder_features(data, files, size, net, "cpu", batch_size=4, cache_dir=str(cache))
+
+    first, how = features()
+    assert first.shape == (6, 64) and net.seen == 6 and how.startswith("computed, cached")
+    again, how = features()
+    assert net.seen == 6 and how.startswith("reused") and np.array_equal(first, again)  # no Inception pass
+    _, how = features(size=12)  # another image size: its own entry
+    assert net.seen == 12 and how.startswith("computed")
+    assert features()[1].startswith("reused") and net.seen == 12
+
+    Image.new("RGB", (20, 20), (0, 0, 0)).save(data / "b" / "new.png")  # a file added
+    added, how = features()
+    assert added.shape == (7, 64) and net.seen == 19 and how.startswith("computed")
+    p = data / "a" / "0.png"  # a file rewritten (new content, size and mtime)
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(p, compress_level=0)
+    changed, how = features()
+    assert net.seen == 26 and how.startswith("computed") and not np.array_equal(changed, added)
+    (data / "b" / "new.png").unlink()  # a file removed
+    assert features()[0].shape == (6, 64) and net.seen == 32
+    assert len(list(cache.glob("*.npz"))) == 2  # one entry per (folder, image size): replaced, not piled up
+
+    for f in cache.glob("*.npz"):  # a damaged cache file is recomputed, not an error
+        f.write_bytes(b"garbage")
+    assert features()[1].startswith("computed") and net.seen == 38
+    assert evaluate.folder_features(data, utils.find_images(data), 16, net, "cpu", cache_dir="")[1] == \
+        "computed (no cache)"
+
+
+@pytest.fixture
+def conditional_transformer(tiny_run, tmp_path):
+    from transformer import TransformerConfig, VQGANTransformer, model_dict
+    from vqgan import load_vqgan
+
+    ckpt, _ = tiny_run
+    torch.manual_seed(0)
+    tr = VQGANTransformer(load_vqgan(ckpt), TransformerConfig(n_layer=1, n_head=1, n_embd=16, num_classes=2),
+                          ["a", "b"])
+    path = tmp_path / "cond.pt"
+    utils.save_checkpoint(model_dict(tr), path)
+    return path
+
+
+def test_cfg_sweep_with_per_class_samples_and_a_cached_reference(tiny_run, conditional_transformer, tmp_path,
+                                                                 monkeypatch, capsys):
+    ckpt, _ = tiny_run
+    data = class_folder(tmp_path / "real")
+    torch.manual_seed(0)
+    net = CountingFeatures()
+    monkeypatch.setattr(evaluate, "load_inception", lambda *a, **k: (net, None))
+    args = ["--checkpoint-path", str(ckpt), "--dataset-path", str(data), "--num-workers", "0", "--no-lpips",
+            "--kid-subsets", "3", "--batch-size", "3", "--fid-cache-dir", str(tmp_path / "cache"),
+            "--transformer-path", str(conditional_transformer), "--samples-per-class", "2",
+            "--cfg-scales", "1", "2", "4"]
+    results = evaluate.main(args)
+    sweep = results["cfg_sweep"]
+    assert [r["cfg_scale"] for r in sweep] == [1.0, 2.0, 4.0]
+    assert all(r["num_samples"] == 4 and r["gfid"] > 0 and math.isfinite(r["gkid"]) for r in sweep)
+    assert results["gfid"] == sweep[0]["gfid"]
+    assert net.seen == 6 + 6 + 3 * 4  # real once, reconstructions, 4 samples per scale
+    out = capsys.readouterr().out
+    assert "| CFG scale | gFID | gKID x1000 | samples |" in out and "| 1 (off) |" in out and "| 4 |" in out
+
+    net.seen = 0
+    again = evaluate.main(args)  # the reference features come from the cache: no pass over the real images
+    assert net.seen == 6 + 3 * 4 and "reused from" in capsys.readouterr().out
+    assert [r["gfid"] for r in again["cfg_sweep"]] == [r["gfid"] for r in sweep]  # same seeds, same samples
+
+    other = class_folder(tmp_path / "other", per_class=2)  # --gfid-reference: a second cached folder
+    net.seen = 0
+    third = evaluate.main(args + ["--gfid-reference", str(other), "--cfg-scales", "1"])
+    assert net.seen == 6 + 4 + 4 and third["gfid_reference"] == str(other)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--samples-per-class", "2"], "class-conditional"),
+    (["--num-samples", "4", "--cfg-scales", "1", "3"], "class-conditional"),
+    (["--num-samples", "4", "--samples-per-class", "2"], "not both"),
+    (["--num-samples", "4", "--cfg-scales"], "at least one scale"),
+])
+def test_generation_flag_errors_are_one_line(tiny_run, tmp_path, capsys, extra, match):
+    from transformer import TransformerConfig, VQGANTransformer, model_dict
+    from vqgan import load_vqgan
+
+    ckpt, data = tiny_run
+    tr_path = tmp_path / "uncond.pt"
+    utils.save_checkpoint(model_dict(VQGANTransformer(load_vqgan(ckpt), TransformerConfig(n_layer=1, n_head=1,
+                                                                                          n_embd=16))), tr_path)
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(evaluate.main, ["--checkpoint-path", str(ckpt), "--dataset-path", str(data), "--fid", "off",
+                                       "--no-lpips", "--num-workers", "0", "--transformer-path", str(tr_path)] + extra)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error:") and match in err and "\n" not in err

@@ -140,7 +140,7 @@ def main(argv=None):
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     kw = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=g, cfg_scale=cfg.cfg_scale)
     if cfg.samples_per_class:
-        return sample_classes(model, cfg, out, kw)
+        return sample_classes(model, cfg, Path(cfg.out_dir), kw)
 
     size = model.vqgan.config.image_size
     original = None

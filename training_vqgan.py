@@ -201,20 +201,22 @@ def _generator_backward(model, disc, perceptual, x, cfg, scaler, amp, disc_on: b
     lam = x.new_zeros(())
     with utils.no_sync(model, sync):
         if disc_on:
-            g_nll, = torch.autograd.grad(nll * scale, x_rec)
-            g_adv, = torch.autograd.grad(g_loss * scale, x_rec)
+            # w.r.t. the fp32 reconstruction: under bf16 the gradient at x_rec itself is rounded to bf16
+            g_nll, = torch.autograd.grad(nll * scale, x_rec32)
+            g_adv, = torch.autograd.grad(g_loss * scale, x_rec32)
             conv = net.decoder.conv_out
             h = h_last.detach().float()
-            w_nll = conv2d_weight(h, conv.weight.shape, g_nll.float(), stride=1, padding=1)
-            w_adv = conv2d_weight(h, conv.weight.shape, g_adv.float(), stride=1, padding=1)
+            w_nll = conv2d_weight(h, conv.weight.shape, g_nll, stride=1, padding=1)
+            w_adv = conv2d_weight(h, conv.weight.shape, g_adv, stride=1, padding=1)
             # Under DDP, averaged over ranks: the last layer's gradients of the global micro-batch's
             # loss, so lambda is the one-process lambda of that batch and the same on every rank
             # (taming under Lightning DDP uses each rank's local lambda). With accumulation it is
-            # computed per micro-batch.
-            w_nll, w_adv = utils.all_reduce_(torch.stack([w_nll, w_adv]), mean=True)
+            # computed per micro-batch. Divided by the fp16 loss scale first: taming's epsilon (1e-4)
+            # is in the units of the true gradients.
+            w_nll, w_adv = utils.all_reduce_(torch.stack([w_nll, w_adv]) / scale, mean=True)
             lam = adaptive_weight(w_nll, w_adv, cfg.disc_weight)
-            grad = (g_nll + (cfg.disc_factor * lam).to(g_adv.dtype) * g_adv) * weight
-            torch.autograd.backward([x_rec, q_loss * (scale * weight)], [grad, None])
+            grad = (g_nll + cfg.disc_factor * lam * g_adv) * weight
+            torch.autograd.backward([x_rec32, q_loss * (scale * weight)], [grad, None])
             loss = nll + cfg.disc_factor * lam * g_loss + q_loss
         else:
             loss = nll + q_loss

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch.nn.grad import conv2d_weight
 
 import training_vqgan as tv
 import utils
@@ -79,6 +80,45 @@ def test_generator_step_matches_taming_loss_backward():
     ref_grads = grads(ref_model)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_fp16_loss_scale_does_not_change_lambda():
+    """lambda's epsilon is in the units of the true gradients: a loss-scaled (fp16) step gives taming's
+    lambda and, after unscaling, the same gradients. A weak discriminator (tiny GAN gradient) makes
+    the epsilon matter, as it did when the scaled gradients met it (eps / scale)."""
+    cfg, model, disc, _, _, _, x = setup()
+    with torch.no_grad():
+        disc.main[-1].weight.mul_(1e-4)
+    out, grad = {}, {}
+    for scaled in (False, True):
+        m, d = copy.deepcopy(model), copy.deepcopy(disc)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, enabled=scaled)
+        out[scaled] = tv.generator_step(m, d, None, x, 0, cfg, opt, scaler, AMP)
+        grad[scaled] = grads(m)
+    torch.testing.assert_close(out[True]["lambda"], out[False]["lambda"], rtol=1e-5, atol=0)
+    for n, g in grad[False].items():
+        torch.testing.assert_close(grad[True][n], g, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_bf16_lambda_from_fp32_reconstruction_gradients():
+    """Under bf16 the NLL and GAN gradients are taken w.r.t. the fp32 reconstruction, not the bf16
+    one (whose gradient autograd rounds to bf16): lambda equals the one from fp32 gradients."""
+    cfg, model, disc, opt_g, _, scaler, x = setup()
+    amp = torch.autocast("cpu", dtype=torch.bfloat16)
+    ref_model, ref_disc = copy.deepcopy(model), copy.deepcopy(disc)
+    with amp:
+        x_rec, h, _, _ = ref_model(x, return_last_input=True)
+    x32 = x_rec.detach().float().requires_grad_()
+    with amp:
+        nll = (x - x32).abs().mean()
+        g_loss = hinge_g_loss(ref_disc(x32).float())
+    shape = ref_model.decoder.conv_out.weight.shape
+    w_nll, w_adv = (conv2d_weight(h.float(), shape, torch.autograd.grad(loss, x32)[0], padding=1)
+                    for loss in (nll, g_loss))
+    lam_ref = adaptive_weight(w_nll, w_adv, cfg.disc_weight)
+    out = tv.generator_step(model, disc, None, x, 0, cfg, opt_g, scaler, amp)
+    torch.testing.assert_close(out["lambda"], lam_ref, rtol=1e-5, atol=0)
 
 
 def test_no_discriminator_compute_before_disc_start():

@@ -40,7 +40,7 @@ class TrainConfig(VQGANConfig):
     # kept about 90%. --no-l2-normalize-codes --no-restart-dead-codes --legacy-beta is taming's recipe.
     l2_normalize_codes: bool = field(True, "cosine (l2-normalised) code lookup")
     restart_dead_codes: bool = field(True, "restart codes unused for --dead-code-steps steps at recent encoder outputs")
-    dead_code_steps: int = field(10, "steps without use after which a code counts as dead")
+    dead_code_steps: int = field(10, "optimiser steps without use after which a code counts as dead")
     dataset_path: str = field("", "folder of images, searched recursively (default: the embedded demo photos)")
     out_dir: str = field(".", "run folder: results/, checkpoints/, log.txt and config.json go here")
     batch_size: int = field(8, "images per process per micro-step; global batch = batch-size x processes x "
@@ -174,6 +174,8 @@ def generator_step(model, disc, perceptual, x, step: int, cfg, opt, scaler, amp)
         scaler.update()
     elif finite:
         opt.step()
+    # EMA codes and dead-code restarts, once per optimiser step (dead_code_steps counts these)
+    utils.unwrap(model).quantize.step(apply=finite)
     return {**out, "grad_norm": grad_norm.detach(), "finite": finite,
             "x_rec": torch.cat([p["x_rec"] for p in parts]), "indices": torch.cat([p["indices"] for p in parts]),
             "disc_on": disc_on}

@@ -36,7 +36,7 @@ class VQGANConfig:
     ema_codebook: bool = False
     ema_decay: float = 0.99
     restart_dead_codes: bool = False
-    dead_code_steps: int = 100
+    dead_code_steps: int = 100      # optimiser steps (Codebook.step calls) without use before a restart
 
     def __post_init__(self):
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)

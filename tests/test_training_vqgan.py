@@ -129,6 +129,16 @@ def test_no_discriminator_compute_before_disc_start():
     assert not out["disc_on"] and calls == [] and out["lambda"].item() == 0
 
 
+def test_dead_code_steps_count_optimiser_steps_not_micro_batches():
+    """With --grad-accum-steps 2 a step runs two forwards; codes unused in it are one step old."""
+    cfg, model, disc, opt_g, _, scaler, x = setup(disc_start=10 ** 9, grad_accum_steps=2,
+                                                  restart_dead_codes=True, dead_code_steps=2)
+    out = tv.generator_step(model, disc, None, x, 0, cfg, opt_g, scaler, AMP)
+    unused = torch.bincount(out["indices"].flatten(), minlength=cfg.num_codebook_vectors) == 0
+    assert unused.any()
+    assert torch.equal(model.quantize.steps_since_used, unused.long())  # not restarted after 2 forwards
+
+
 def test_overfits_one_batch():
     cfg, model, disc, _, _, scaler, x = setup(disc_start=10 ** 9)
     x = x[:2]

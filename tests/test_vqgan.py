@@ -110,7 +110,7 @@ def test_decode_indices_equals_decode(opts):
     dict(l2_normalize_codes=True, restart_dead_codes=True, dead_code_steps=1),
     dict(l2_normalize_codes=True, codebook_dim=4, restart_dead_codes=True, dead_code_steps=1)])
 def test_training_steps_with_in_place_codebook_updates(opts):
-    """EMA updates and restarts rewrite the codes during forward; backward must still work."""
+    """EMA updates and restarts rewrite the codes in place (Codebook.step); training still works."""
     torch.manual_seed(0)
     model = VQGAN(tiny(**opts)).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -120,6 +120,7 @@ def test_training_steps_with_in_place_codebook_updates(opts):
         opt.zero_grad()
         ((x_rec ** 2).mean() + q).backward()
         opt.step()
+        model.quantize.step()
     assert not torch.equal(before, model.quantize.embedding.weight)
 
 
@@ -170,10 +171,12 @@ def test_ema_moves_codes_towards_data():
     target = torch.tensor([3.0, -2.0])
     z = target.view(1, 2, 1, 1).expand(1, 2, 4, 4).clone()
     _, idx, _ = cb(z)
+    cb.step()
     code = idx[0, 0, 0]
     d0 = (cb.embedding.weight[code] - target).norm()
     for _ in range(10):
         cb(z)
+        cb.step()
     assert (cb.embedding.weight[code] - target).norm() < 0.05 * d0
 
 
@@ -182,7 +185,9 @@ def test_dead_codes_restart_at_encoder_outputs():
     cb = Codebook(8, 2, restart_dead_codes=True, dead_code_steps=2)
     z = torch.randn(1, 2, 4, 4) * 5
     cb(z)
+    cb.step()
     used = set(cb(z)[1].flatten().tolist())
+    cb.step()
     dead_before = [k for k in range(8) if k not in used]
     assert dead_before, "expected some unused codes"
     flat = z.permute(0, 2, 3, 1).reshape(-1, 2)
@@ -192,6 +197,30 @@ def test_dead_codes_restart_at_encoder_outputs():
     cb.eval()
     _, idx, _ = cb(z)
     assert len(set(idx.flatten().tolist())) >= len(used)
+
+
+@pytest.mark.parametrize("use_ema", [False, True])
+def test_codebook_updates_once_per_optimiser_step(use_ema):
+    """Forwards only gather statistics; step() applies them once. Two micro-batches then one step()
+    equal one forward of both (the EMA), and count as one step towards dead_code_steps."""
+    torch.manual_seed(0)
+    z = torch.randn(4, 4, 3, 3)
+    big = Codebook(64, 4, use_ema=use_ema, restart_dead_codes=True, dead_code_steps=2).train()
+    accum = copy.deepcopy(big)
+    before = big.embedding.weight.detach().clone()
+    _, idx, _ = big(z)
+    assert torch.equal(big.embedding.weight, before)  # nothing changes before step()
+    big.step()
+    accum(z[:2])
+    accum(z[2:])
+    accum.step()
+    unused = torch.bincount(idx.flatten(), minlength=64) == 0
+    assert unused.any()
+    # one optimiser step: unused codes are 1 step old, not 2 (and so not restarted)
+    assert torch.equal(accum.steps_since_used, unused.long())
+    torch.testing.assert_close(accum.embedding.weight, big.embedding.weight, rtol=1e-6, atol=1e-7)
+    if use_ema:
+        assert not torch.equal(big.embedding.weight, before)
 
 
 def test_codebook_stats():

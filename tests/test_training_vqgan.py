@@ -121,6 +121,56 @@ def test_bf16_lambda_from_fp32_reconstruction_gradients():
     torch.testing.assert_close(out["lambda"], lam_ref, rtol=1e-5, atol=0)
 
 
+def gan_step(accum: int, disc_eval: bool = False):
+    """One GAN-on generator + discriminator step on the 4 images of setup(), in `accum` micro-batches."""
+    cfg, model, disc, opt_g, opt_d, scaler, x = setup(grad_accum_steps=accum)
+    disc.train(not disc_eval)
+    g = tv.generator_step(model, disc, None, x, 0, cfg, opt_g, scaler, AMP)
+    g_grads = grads(model)
+    bn_after_g = [b.clone() for b in disc.buffers()]
+    d = tv.discriminator_step(disc, x, g["x_rec"], opt_d, scaler, AMP, cfg.disc_factor)
+    buffers = {**{"model." + n: b for n, b in model.named_buffers()}, **{"disc." + n: b for n, b in disc.named_buffers()}}
+    return {"g": g, "d": d, "g_grads": g_grads, "d_grads": grads(disc), "bn_after_g": bn_after_g, "buffers": buffers}
+
+
+def test_gan_step_with_accumulation_equals_one_large_batch():
+    """B x 2 accumulated micro-batches make the update of one batch of 2B with the GAN on: lambda from
+    the whole batch's last-layer gradients, the discriminator's BatchNorm over the whole batch (in the
+    generator's GAN loss and in its own step): the same gradients, and the same statistics after it
+    (weights after one Adam step, ~lr * sign(grad), would only show float noise in tiny gradients)."""
+    one, accum = gan_step(1), gan_step(2)
+    for k in ("lambda", "g_loss", "loss", "rec_loss", "q_loss"):
+        torch.testing.assert_close(accum["g"][k], one["g"][k], rtol=1e-5, atol=1e-7, msg=k)
+    for k in ("d_loss", "logits_real", "logits_fake"):
+        torch.testing.assert_close(accum["d"][k], one["d"][k], rtol=1e-5, atol=1e-7, msg=k)
+    for which in ("g_grads", "d_grads"):
+        assert accum[which].keys() == one[which].keys()
+        for n, g in one[which].items():
+            torch.testing.assert_close(accum[which][n], g, rtol=1e-4, atol=1e-7, msg=f"{which} {n}")
+    for a, b in zip(accum["bn_after_g"], one["bn_after_g"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert accum["buffers"].keys() == one["buffers"].keys()
+    for n, v in one["buffers"].items():  # BatchNorm running statistics, dead-code counters
+        torch.testing.assert_close(accum["buffers"][n], v, rtol=1e-5, atol=1e-7, msg=n)
+    # control: half the batch gives another lambda, so the comparison can fail
+    cfg, model, disc, opt_g, _, scaler, x = setup()
+    half = tv.generator_step(model, disc, None, x[:2], 0, cfg, opt_g, scaler, AMP)
+    assert not torch.allclose(half["lambda"], one["g"]["lambda"], rtol=1e-3)
+
+
+def test_accumulated_gan_step_replays_the_same_forward():
+    """With K > 1 the GAN step runs each micro-batch's forward twice (without, then with a graph): the
+    two must be the same forward, also with dropout (RNG replayed) and an EMA codebook (which changes
+    only in step())."""
+    cfg, model, disc, opt_g, _, scaler, x = setup(grad_accum_steps=2, dropout=0.3, ema_codebook=True)
+    recs = []
+    model.decoder.conv_out.register_forward_hook(lambda m, i, out: recs.append(out.detach().clone()))
+    tv.generator_step(model, disc, None, x, 0, cfg, opt_g, scaler, AMP)
+    assert len(recs) == 4  # two micro-batches, two passes
+    assert torch.equal(recs[0], recs[2]) and torch.equal(recs[1], recs[3])
+    assert not torch.equal(recs[0], recs[1])
+
+
 def test_no_discriminator_compute_before_disc_start():
     cfg, model, disc, opt_g, _, scaler, x = setup(disc_start=100)
     calls = []

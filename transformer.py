@@ -192,11 +192,16 @@ class VQGANTransformer(nn.Module):
         starts = start if uncond_start is None else torch.cat([start, uncond_start])  # (B or 2B, 1)
         seq = torch.cat([starts, prefix.repeat(starts.shape[0] // B, 1)], dim=1)  # (B', 1 + n)
         cache = self.gpt.allocate_cache(seq.shape[0], T) if use_cache else None
+        # Taming's first n_unmasked positions attend to each other both ways, so their keys and values
+        # change with every token added there: recompute until that prefix is complete, then fill the
+        # cache once (GPT.generate refuses such prompts instead).
+        n_unmasked, filled = self.gpt.config.n_unmasked, False
         for i in range(n, T):
-            if not use_cache:
+            if not use_cache or seq.shape[1] < n_unmasked:
                 logits = self.gpt(seq)[0][:, -1]  # (B', V): recomputes the whole prefix
-            elif i == n:
+            elif not filled:
                 logits = self.gpt.forward_cached(seq, cache, 0)[:, -1]  # prefill, (B', V)
+                filled = True
             else:
                 logits = self.gpt.forward_cached(seq[:, -1:], cache, seq.shape[1] - 1)[:, -1]  # (B', V)
             logits = logits[:, : self.sample_vocab].float()  # (B', K)

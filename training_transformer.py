@@ -14,6 +14,7 @@ config.json.
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import statistics
@@ -21,8 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import PIL
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -36,7 +39,7 @@ from utils import UserError, field
 from vqgan import VQGAN, config_from_preset, load_vqgan
 
 GPT_FIELDS = ("n_layer", "n_head", "n_embd", "embd_pdrop", "resid_pdrop", "attn_pdrop")
-CACHE_VERSION = 1  # bump when the cache layout or the augmentations change
+CACHE_VERSION = 1  # bump when the cache file's layout changes; the augmentation code is hashed (cache_key)
 
 
 @dataclass
@@ -135,10 +138,23 @@ class AugmentedImages(Dataset):
         return torch.stack(views)  # (A, 3, S, S)
 
 
-def cache_key(vqgan_digest: str, files: list[Path], image_size: int, num_augmentations: int) -> str:
+def augmentation_digest() -> str:
+    """sha256 of the source of the code that turns a file into its cached views (and of the library
+    versions that resize it), so an edit to any of it is a new cache without a hand-kept version."""
+    h = hashlib.sha256(f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}".encode())
+    for code in (AugmentedImages, encode_dataset, utils.ImageDataset, utils.load_image, utils.to_rgb):
+        h.update(inspect.getsource(code).encode())
+    return h.hexdigest()
+
+
+def cache_key(vqgan_digest: str, files: list[Path], image_size: int, num_augmentations: int,
+              precision: str, device_type: str) -> str:
     """Hash of what the cached codes depend on: the VQGAN's weights, the files (with sizes and
-    modification times), the image size and the number of views."""
-    h = hashlib.sha256(f"v{CACHE_VERSION}:{vqgan_digest}:{image_size}:{num_augmentations}".encode())
+    modification times), the image size, the number of views, the augmentation code, and the precision
+    and device type of the encoding pass (bf16 moves a few % of the codes; CUDA's fp32 convolutions
+    may use TF32)."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}:{vqgan_digest}:{image_size}:{num_augmentations}:{precision}:"
+                       f"{device_type}:{augmentation_digest()}".encode())
     for p in files:
         st = p.stat()
         h.update(f"|{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -161,10 +177,12 @@ def encode_dataset(model: VQGANTransformer, files, image_size: int, num_augmenta
     return torch.cat(chunks)
 
 
-def load_or_encode_codes(model, files, image_size, cfg, cache_dir: Path, device, amp, logger) -> torch.Tensor:
+def load_or_encode_codes(model, files, image_size, cfg, cache_dir: Path, device, amp, logger,
+                         precision: str) -> torch.Tensor:
     """The (N, A, h*w) int16/int32 codes of all files, from <cache_dir>/codes_<key>.pt or by encoding
-    them once."""
-    key = cache_key(weights_digest(model.vqgan), files, image_size, cfg.num_augmentations)
+    them once (under `amp`, whose precision is `precision`)."""
+    key = cache_key(weights_digest(model.vqgan), files, image_size, cfg.num_augmentations, precision,
+                    torch.device(device).type)
     path = cache_dir / f"codes_{key}.pt"
     cached_codes = None
     if path.is_file():
@@ -344,7 +362,7 @@ def main(argv=None):
     image_size = model.vqgan.config.image_size
 
     logger = utils.RunLogger(out, "transformer", enabled=dinfo.is_main)
-    cache = load_or_encode_codes(model, files, image_size, cfg, out / "cache", device, amp, logger)
+    cache = load_or_encode_codes(model, files, image_size, cfg, out / "cache", device, amp, logger, precision)
     codes_all = cache.to(device)  # (N, A, T), kept in int16/int32; batches become int64 when used
     # Encoding draws from the global RNG (DataLoader seeds) only on a cache miss: reseed, so training
     # is the same whether or not the codes came from the cache. Per rank (pkeep corruption, class-token

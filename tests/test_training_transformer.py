@@ -79,6 +79,18 @@ def test_code_cache_is_reused_without_the_encoder(stage_one, tmp_path, monkeypat
     # a different number of views is a different cache
     with pytest.raises(AssertionError, match="encoder ran"):
         training_transformer.main(args + ["--num-augmentations", "3"])
+    # ...and so is another precision of the encoding pass (bf16 changes a few % of the codes)
+    with pytest.raises(AssertionError, match="encoder ran"):
+        training_transformer.main(args + ["--precision", "bf16"])
+
+    # ...and other augmentation code (its source is hashed, no version to bump by hand)
+    class OtherCrops(utils.ImageDataset):
+        def _augment(self, img, seed):
+            return super()._augment(img.transpose(0), seed)  # mirrored before the crop
+
+    monkeypatch.setattr(utils, "ImageDataset", OtherCrops)
+    with pytest.raises(AssertionError, match="encoder ran"):
+        training_transformer.main(args)
 
 
 def test_exact_resume(stage_one, tmp_path):

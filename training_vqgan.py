@@ -27,6 +27,7 @@ import plots
 import utils
 from codebook import stats_from_counts
 from discriminator import Discriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+from metrics import psnr_8bit
 from utils import UserError, field
 from vqgan import PRESETS as ARCH_PRESETS, VQGAN, VQGANConfig
 
@@ -317,14 +318,15 @@ def build_perceptual(cfg, device):
 
 
 @torch.no_grad()
-def evaluate_val(model, perceptual, loader, device, amp, max_batches: int = 8) -> dict:
-    """Mean L1, LPIPS and PSNR (on [0, 1]) of held-out reconstructions."""
+def evaluate_val(model, perceptual, loader, device, amp) -> dict:
+    """Mean L1 and LPIPS (on [-1, 1]) and PSNR (dB, on 8-bit pixels: metrics.psnr_8bit, the same as
+    evaluate.py) of the reconstructions of every image in `loader` (the held-out split), in eval mode;
+    the model is left in the mode it was found in. `val_images` is the number of images evaluated."""
+    was_training = model.training
     model.eval()
     tot = {"val_rec_loss": 0.0, "val_perceptual_loss": 0.0, "val_psnr": 0.0}
     n = 0
-    for b, (x, _) in enumerate(loader):
-        if b >= max_batches:
-            break
+    for x, _ in loader:
         x = x.to(device)
         with amp:
             x_rec, _, _ = model(x)
@@ -332,11 +334,10 @@ def evaluate_val(model, perceptual, loader, device, amp, max_batches: int = 8) -
         tot["val_rec_loss"] += (x - x_rec).abs().mean().item() * len(x)
         if perceptual is not None:
             tot["val_perceptual_loss"] += perceptual(x, x_rec).sum().item()
-        mse = ((x - x_rec) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-        tot["val_psnr"] += (-10 * torch.log10(mse)).sum().item()
+        tot["val_psnr"] += psnr_8bit(x, x_rec).sum().item()
         n += len(x)
-    model.train()
-    return {k: v / max(n, 1) for k, v in tot.items()}
+    model.train(was_training)
+    return {**{k: v / max(n, 1) for k, v in tot.items()}, "val_images": n}
 
 
 @torch.no_grad()
@@ -591,7 +592,8 @@ def main(argv=None):
             usage, ppl = stats_from_counts(epoch_counts)
             val.update(epoch_codebook_usage=usage, epoch_perplexity=ppl)
             logger.metrics({"step": step, "epoch": epoch, **val})
-            logger.log(f"(step={step:07d}) epoch {epoch} " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            logger.log(f"(step={step:07d}) epoch {epoch} " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float)
+                                                                    else f"{k} {v}" for k, v in val.items()))
             save_reconstructions(shown, x_show, logger.results / f"rec_epoch{epoch:04d}.png", amp)
             plots.update_plots(logger.results)
             plots.plot_codebook_usage(epoch_counts.cpu().numpy(), logger.metrics_path,

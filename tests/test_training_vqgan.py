@@ -214,6 +214,27 @@ def test_non_finite_step_is_skipped():
         assert torch.equal(p, before[n]), n
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_evaluate_val_covers_the_split_restores_the_mode_and_uses_8bit_psnr(mode):
+    """Validation runs every held-out batch (not the first 8), leaves the model in the mode it found
+    (an EMA copy stays in eval), and its PSNR is evaluate.py's 8-bit one."""
+    import evaluate
+
+    cfg, model, _, _, _, _, _ = setup()
+    model.train(mode == "train")
+    images = torch.rand(20, 3, 32, 32) * 2 - 1
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(20)), batch_size=2)
+    val = tv.evaluate_val(model, None, loader, "cpu", AMP)
+    assert model.training == (mode == "train")
+    assert val["val_images"] == 20
+    model.eval()
+    with torch.no_grad():
+        x_rec = model(images)[0].clamp(-1, 1)
+    expect = evaluate.psnr(evaluate.to_uint8_range(images), evaluate.to_uint8_range(x_rec)).mean().item()
+    assert val["val_psnr"] == pytest.approx(expect, rel=1e-6)
+    assert val["val_rec_loss"] == pytest.approx((images - x_rec).abs().mean().item(), rel=1e-5)
+
+
 def test_epoch_sampler_resumes_mid_epoch_and_shards():
     full = list(tv.EpochBatchSampler(20, 3, seed=1, epoch=2))
     assert len(full) == 6

@@ -96,7 +96,9 @@ TRAIN_PRESETS: dict[str, dict] = {
     "tiny": {**GPT_PRESETS["tiny"], "batch_size": 4, "epochs": 1, "warmup_steps": 2, "log_every": 1,
              "num_augmentations": 2, "num_workers": 0, "num_grid_images": 2},
     "demo": {**GPT_PRESETS["demo"]},
-    # taming's transformer configs: base_learning_rate 4.5e-6 scaled by the batch size, dropout 0
+    # taming's transformer configs: base_learning_rate 4.5e-6 scaled by the batch size, dropout 0. Unlike
+    # taming, the defaults below add cosine decay to 0.1x, gradient clipping at 1 and pkeep 0.9; taming's
+    # recipe (constant rate, no clipping, pkeep 1) is --min-lr-ratio 1 --grad-clip 0 --pkeep 1.
     "paper": {**GPT_PRESETS["paper"], "batch_size": 16, "learning_rate": 4.5e-6 * 16, "warmup_steps": 0},
 }
 

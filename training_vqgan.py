@@ -86,7 +86,8 @@ TRAIN_PRESETS: dict[str, dict] = {
     "tiny": {**ARCH_PRESETS["tiny"], "batch_size": 4, "epochs": 1, "disc_start": 2, "log_every": 1,
              "sample_every": 2, "save_every": 2, "num_workers": 0},
     "demo": {**ARCH_PRESETS["demo"]},
-    # taming's custom_vqgan/imagenet settings: lr 4.5e-6 per image, disc_weight 0.8
+    # taming's custom_vqgan/imagenet settings: lr 4.5e-6 per image, disc_weight 0.8. disc_start 10000 is
+    # custom_vqgan.yaml's; imagenet_vqgan.yaml, the paper's ImageNet model, has 250001 (--disc-start 250001).
     "f16": {**ARCH_PRESETS["f16"], "batch_size": 12, "learning_rate": 4.5e-6 * 12, "epochs": 100,
             "disc_start": 10000},
 }
@@ -288,7 +289,11 @@ def discriminator_step(disc, x, x_rec, opt, scaler, amp, disc_factor: float) -> 
     x, x_rec: (K*B, 3, H, W) in [-1, 1], the step's whole batch (all its micro-batches), in one forward
     each, so BatchNorm sees the batch that one large step would. Its BatchNorm layers normalise with
     each rank's own batch statistics (taming under Lightning DDP does the same; SyncBatchNorm would add
-    two all-gathers per forward and exists for CUDA only)."""
+    two all-gathers per forward and exists for CUDA only).
+
+    x_rec are the generator step's reconstructions, from before its update. Taming runs the autoencoder
+    again for the discriminator's turn (Lightning calls training_step once per optimiser), so its
+    discriminator sees the updated generator's; reusing them saves one autoencoder forward per step."""
     opt.zero_grad(set_to_none=True)
     with amp:
         logits_real = disc(x.detach()).float()

@@ -300,7 +300,8 @@ def model_dict(model: VQGANTransformer) -> dict:
 
 def build_from_checkpoint(ckpt: dict, use_ema: bool = False) -> VQGANTransformer:
     """A VQGANTransformer (on the CPU, weights loaded) from a dict written by model_dict; with use_ema,
-    the EMA weights (`ema_model`, written by training with --ema-decay) when the checkpoint has them."""
+    the EMA weights (`ema_model`, written by training_transformer.py with --weight-ema-decay) when the
+    checkpoint has them."""
     vq_fields = {f.name for f in dataclasses.fields(VQGANConfig)}
     tr_fields = {f.name for f in dataclasses.fields(TransformerConfig)}
     vqgan = VQGAN(VQGANConfig(**{k: v for k, v in ckpt["vqgan_config"].items() if k in vq_fields}))

@@ -53,7 +53,8 @@ class TrainConfig:
     resid_pdrop: float = field(0.0, "dropout on residual branches")
     attn_pdrop: float = field(0.0, "dropout on attention weights")
     vqgan_path: str = field("", "stage-one checkpoint (default: <out-dir>/checkpoints/vqgan_last.pt, "
-                                "what training_vqgan.py writes)")
+                                "what training_vqgan.py writes); --checkpoint-path, the reference's name, "
+                                "is an alias", aliases=("checkpoint_path",))
     dataset_path: str = field("", "folder of images, searched recursively (default: the embedded demo photos)")
     out_dir: str = field(".", "run folder: results/, checkpoints/, cache/, log.txt and config.json go here")
     batch_size: int = field(16, "code sequences per process per micro-step; global batch = batch-size x "

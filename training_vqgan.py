@@ -406,7 +406,7 @@ class StopFlag:
 
 
 # Model-config fields that only shape training, so fine-tuning may change them.
-FINETUNE_FREE = ("beta", "legacy_beta", "dropout", "restart_dead_codes", "dead_code_steps", "ema_decay")
+FINETUNE_FREE = ("commitment_beta", "legacy_beta", "dropout", "restart_dead_codes", "dead_code_steps", "ema_decay")
 
 
 def finetune_config(cfg, given: set):

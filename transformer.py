@@ -10,7 +10,6 @@ in training the class token is swapped for SOS with probability `cfg_dropout`, s
 learns the unconditional model; sampling mixes the two, uncond + s * (cond - uncond).
 """
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -302,10 +301,10 @@ def build_from_checkpoint(ckpt: dict, use_ema: bool = False) -> VQGANTransformer
     """A VQGANTransformer (on the CPU, weights loaded) from a dict written by model_dict; with use_ema,
     the EMA weights (`ema_model`, written by training_transformer.py with --weight-ema-decay) when the
     checkpoint has them."""
-    vq_fields = {f.name for f in dataclasses.fields(VQGANConfig)}
-    tr_fields = {f.name for f in dataclasses.fields(TransformerConfig)}
-    vqgan = VQGAN(VQGANConfig(**{k: v for k, v in ckpt["vqgan_config"].items() if k in vq_fields}))
-    config = TransformerConfig(**{k: v for k, v in ckpt["transformer_config"].items() if k in tr_fields})
+    from utils import dataclass_from_dict
+
+    vqgan = VQGAN(dataclass_from_dict(VQGANConfig, ckpt["vqgan_config"]))
+    config = dataclass_from_dict(TransformerConfig, ckpt["transformer_config"])
     model = VQGANTransformer(vqgan, config, ckpt.get("class_names") or None)
     state = ckpt["ema_model"] if use_ema and ckpt.get("ema_model") else ckpt["model"]
     model.load_state_dict(state, strict=True)

@@ -29,7 +29,10 @@ class VQGANConfig:
     num_groups: int = 32            # GroupNorm groups; taming uses 32
     latent_dim: int = 64            # code vector size (taming's embed_dim)
     num_codebook_vectors: int = 512
-    beta: float = 0.25              # commitment weight (VQ-VAE)
+    # the commitment loss weight β (VQ-VAE); `beta` in older checkpoints and as a flag (the reference's
+    # --beta), renamed as it sat beside Adam's --beta1/--beta2
+    commitment_beta: float = dataclasses.field(default=0.25, metadata={
+        "aliases": ("beta",), "help": "commitment loss weight beta (VQ-VAE); --beta is an alias"})
     legacy_beta: bool = False       # taming's placement of beta, for its released checkpoints
     codebook_dim: int | None = None  # low-dimensional lookup space; None = latent_dim
     l2_normalize_codes: bool = False
@@ -80,7 +83,7 @@ class VQGAN(nn.Module):
         self.quant_conv = nn.Conv2d(c.z_channels, c.latent_dim, 1)
         self.post_quant_conv = nn.Conv2d(c.latent_dim, c.z_channels, 1)
         self.quantize = Codebook(
-            c.num_codebook_vectors, c.latent_dim, beta=c.beta, legacy_beta=c.legacy_beta,
+            c.num_codebook_vectors, c.latent_dim, beta=c.commitment_beta, legacy_beta=c.legacy_beta,
             codebook_dim=c.codebook_dim, l2_normalize=c.l2_normalize_codes, use_ema=c.ema_codebook,
             ema_decay=c.ema_decay, restart_dead_codes=c.restart_dead_codes,
             dead_code_steps=c.dead_code_steps)
@@ -130,6 +133,7 @@ def load_vqgan(path, device="cpu", config=None) -> VQGAN:
     or dict) for those; by default it is looked up beside the checkpoint, else inferred from the weights.
     """
     import taming_compat  # local import: taming_compat imports this module
+    from utils import dataclass_from_dict
 
     ckpt = taming_compat.read_checkpoint(path)  # never runs code from the file
     if taming_compat.checkpoint_format(ckpt) in ("taming_vqgan", "taming_transformer"):
@@ -142,8 +146,7 @@ def load_vqgan(path, device="cpu", config=None) -> VQGAN:
             kind = ckpt.get("kind", "unknown")
             raise ValueError(f"{path} is not a stage-one VQGAN checkpoint (kind: {kind}); "
                              "pass the file written by training_vqgan.py (checkpoints/vqgan_last.pt)")
-        fields = {f.name for f in dataclasses.fields(VQGANConfig)}
-        model = VQGAN(VQGANConfig(**{k: v for k, v in ckpt["model_config"].items() if k in fields}))
+        model = VQGAN(dataclass_from_dict(VQGANConfig, ckpt["model_config"]))
         state = ckpt.get("ema_model") or ckpt["model"]
         model.load_state_dict(state, strict=True)
     model.to(device).eval().requires_grad_(False)

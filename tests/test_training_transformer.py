@@ -142,6 +142,13 @@ def test_conditional_training_and_guided_sampling(stage_one, tmp_path):
     assert e.value.code == 2
 
 
+def test_checkpoint_path_is_an_alias_of_vqgan_path():
+    """The reference names the stage-one checkpoint --checkpoint-path; both flags set vqgan_path."""
+    for flag in ("--vqgan-path", "--checkpoint-path"):
+        cfg, given = utils.parse_config(training_transformer.TrainConfig, [flag, "run/vqgan.pt"])
+        assert cfg.vqgan_path == "run/vqgan.pt" and given == {"vqgan_path"}
+
+
 def test_missing_stage_one_checkpoint_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         utils.run_main(training_transformer.main, ["--preset", "tiny", "--out-dir", str(tmp_path)])

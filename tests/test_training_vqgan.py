@@ -317,6 +317,22 @@ def test_bad_flags(tmp_path, capsys):
         tv.main(ARGS + ["--batch-size", "1000", "--out-dir", str(tmp_path)])
 
 
+def test_commitment_beta_flag_aliases_and_old_checkpoints(tmp_path):
+    """--commitment-beta is the codebook's beta; the reference's --beta still sets it (not Adam's
+    --beta1/--beta2), and checkpoints saved under the old name `beta` load with their value."""
+    cfg, given = utils.parse_config(tv.TrainConfig, ["--beta", "0.5", "--beta1", "0.7"], tv.TRAIN_PRESETS)
+    assert cfg.commitment_beta == 0.5 and cfg.beta1 == 0.7 and given == {"commitment_beta", "beta1"}
+    assert utils.parse_config(tv.TrainConfig, ["--commitment-beta", "0.4"])[0].commitment_beta == 0.4
+    model = VQGAN(tv.model_config(cfg))
+    old = utils.config_dict(tv.model_config(cfg))
+    old["beta"] = old.pop("commitment_beta")
+    utils.save_checkpoint({"kind": "vqgan", "model_config": old, "model": model.state_dict()}, tmp_path / "old.pt")
+    assert load_vqgan(tmp_path / "old.pt").quantize.beta == 0.5
+    saved = {**utils.config_dict(cfg), "beta": 0.3}
+    del saved["commitment_beta"]
+    assert utils.resumed_config(tv.TrainConfig(), set(), saved, (), "architecture").commitment_beta == 0.3
+
+
 def test_finetune_from_checkpoint(tmp_path):
     src = tmp_path / "src"
     tv.main(ARGS + ["--out-dir", str(src), "--max-steps", "1"])

@@ -333,7 +333,15 @@ def from_taming_parts(parts) -> VQGANTransformer:
 def load_transformer(path, device="cpu", config=None) -> VQGANTransformer:
     """Load a checkpoint written by training_transformer.py (its EMA weights when it has them, as
     vqgan.load_vqgan does), or a taming-transformers Net2NetTransformer `.ckpt` (taming layout; its
-    YAML given as `config` or found beside it), into a ready eval-mode model on device."""
+    YAML given as `config` or found beside it), into a ready eval-mode model on device.
+
+    Raises:
+        utils.UserError: the file is missing, unreadable or not safe to unpickle, or a taming file (or
+            its YAML) describes a model this code can't build; the message names the problem.
+        ValueError: the file is not a stage-two checkpoint (e.g. a stage-one one), or its configs
+            describe an invalid token layout.
+        RuntimeError: its weights don't fit its own configs (load_state_dict, strict).
+    """
     from taming_compat import checkpoint_format, read_checkpoint, taming_transformer
 
     ckpt = read_checkpoint(path)  # weights_only, or the restricted unpickler for Lightning files

@@ -131,6 +131,13 @@ def load_vqgan(path, device="cpu", config=None) -> VQGAN:
     Accepts the files training_vqgan.py and convert_checkpoint.py write, and the authors' taming-
     transformers / latent-diffusion `.ckpt` files (see taming_compat). `config` is the taming YAML (path
     or dict) for those; by default it is looked up beside the checkpoint, else inferred from the weights.
+
+    Raises:
+        utils.UserError: the file is missing, unreadable or not safe to unpickle, or a taming file (or
+            its YAML) describes a model this code can't build; the message names the problem.
+        ValueError: the file is not a stage-one checkpoint (e.g. a stage-two one), or `config` is given
+            for one of ours, which carries its own.
+        RuntimeError: its weights don't fit its own model_config (load_state_dict, strict).
     """
     import taming_compat  # local import: taming_compat imports this module
     from utils import dataclass_from_dict

@@ -277,3 +277,22 @@ def test_regression_slice():
     r = blk.conv2(F.silu(blk.norm2(r)))
     torch.testing.assert_close(blk(h), h + r)
     assert z.shape == (2, 16, 16, 16) and torch.isfinite(z).all()
+
+
+def test_load_vqgan_raises_the_documented_errors(tmp_path):
+    from utils import UserError, config_dict, save_checkpoint
+    from vqgan import load_vqgan
+
+    with pytest.raises(UserError, match="not found"):
+        load_vqgan(tmp_path / "missing.pt")
+    cfg = tiny()
+    good = {"kind": "vqgan", "model_config": config_dict(cfg), "model": VQGAN(cfg).state_dict()}
+    save_checkpoint({**good, "kind": "transformer"}, tmp_path / "t.pt")
+    with pytest.raises(ValueError, match="not a stage-one"):
+        load_vqgan(tmp_path / "t.pt")
+    save_checkpoint(good, tmp_path / "v.pt")
+    with pytest.raises(ValueError, match="own model_config"):
+        load_vqgan(tmp_path / "v.pt", config={})
+    save_checkpoint({**good, "model_config": {**good["model_config"], "latent_dim": 8}}, tmp_path / "bad.pt")
+    with pytest.raises(RuntimeError):
+        load_vqgan(tmp_path / "bad.pt")

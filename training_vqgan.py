@@ -214,6 +214,8 @@ def gan_gradients(model, disc, perceptual, chunks, weights, cfg, amp, scale) -> 
     Under DDP lambda comes from the last-layer gradients averaged over ranks, so it is the
     one-process lambda of the global batch and the same on every rank (taming under Lightning DDP
     uses each rank's own); the discriminator's BatchNorm still normalises each rank's own batch.
+    What else differs from one batch of K*B: dropout masks are drawn per micro-batch, and dead-code
+    restarts draw from the last micro-batch's encoder outputs (Codebook.step).
     """
     net, d = utils.unwrap(model), utils.unwrap(disc)
     kept = None

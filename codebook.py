@@ -8,6 +8,10 @@ order) and adds options against codebook collapse:
 - dead-code restart from recent encoder outputs (Dhariwal et al., 2020, "Jukebox");
 - EMA codebook updates (van den Oord et al., 2017, appendix; Razavi et al., 2019).
 
+EMA updates and restarts change the codes in `step()`, which training calls once per optimiser step:
+training forwards only add up code counts (and encoder outputs), so the micro-batches of an accumulated
+step make one update, as one large batch would, and `dead_code_steps` counts optimiser steps.
+
 Loss: ||sg[z_e] - e||^2 + beta * ||z_e - sg[e]||^2, with beta on the commitment term as in VQ-VAE.
 `legacy_beta=True` reproduces taming's placement (beta on the codebook term), which its released
 checkpoints were trained with.
@@ -65,6 +69,13 @@ class Codebook(nn.Module):
         if restart_dead_codes:
             self.register_buffer("steps_since_used", torch.zeros(num_codes, dtype=torch.long))
         self._init_weights()
+        self._reset_pending()
+
+    def _reset_pending(self):
+        # What the training forwards since the last step() saw: code counts (K,), encoder outputs summed
+        # per code (K, d) for the EMA, the latest encoder outputs (N, d) for restarts, and whether all
+        # were finite. Plain attributes: they never outlive a step, so they are not state.
+        self._counts = self._embed_sum = self._recent = self._finite = None
 
     def _init_weights(self):
         if self.l2_normalize:
@@ -77,9 +88,9 @@ class Codebook(nn.Module):
             self.ema_embed_sum.copy_(self.embedding.weight.detach())
             self.ema_cluster_size.fill_(1.0)
 
-    def codes(self, copy: bool = False) -> torch.Tensor:
+    def codes(self) -> torch.Tensor:
         """The code vectors in lookup space, (K, codebook_dim), l2-normalised when enabled."""
-        w = self.embedding.weight.clone() if copy else self.embedding.weight
+        w = self.embedding.weight
         return F.normalize(w, dim=-1) if self.l2_normalize else w
 
     def _project_in(self, z_flat: torch.Tensor) -> torch.Tensor:
@@ -96,9 +107,7 @@ class Codebook(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             z_flat = z.float().permute(0, 2, 3, 1).reshape(-1, D)  # (N, D), N = B*h*w
             z_e = self._project_in(z_flat)  # (N, d)
-            # A copy: EMA updates and dead-code restarts rewrite the weight in place after this forward,
-            # and backward must still see the codes this forward used.
-            codes = self.codes(copy=self.training).float()  # (K, d)
+            codes = self.codes().float()  # (K, d); rewritten in place only by step(), after backward
             dist2 = (z_e.pow(2).sum(1, keepdim=True) - 2 * z_e @ codes.t()
                      + codes.pow(2).sum(1)[None, :])  # (N, K)
             indices = dist2.argmin(dim=1)  # (N,)
@@ -112,7 +121,7 @@ class Codebook(nn.Module):
                 loss = (commitment + self.beta * codebook) if self.legacy_beta else (codebook + self.beta * commitment)
 
             if self.training:
-                self._update(z_e.detach(), indices)
+                self._accumulate(z_e.detach(), indices)
 
             # straight-through: forward uses e, backward copies the gradient to z_e
             z_q_e = z_e + (e - z_e).detach()
@@ -121,22 +130,45 @@ class Codebook(nn.Module):
         return z_q, indices.reshape(B, h, w), loss
 
     @torch.no_grad()
-    def _update(self, z_e: torch.Tensor, indices: torch.Tensor):
-        """EMA code update and dead-code restarts; every rank ends with the same codebook."""
+    def _accumulate(self, z_e: torch.Tensor, indices: torch.Tensor):
+        """Add one training forward's codes to the pending step: z_e (N, d), indices (N,)."""
         if not (self.use_ema or self.restart_dead_codes):
+            return
+        counts = torch.bincount(indices, minlength=self.num_codes).float()  # (K,)
+        finite = torch.isfinite(z_e).all()
+        if self._counts is None:
+            self._counts, self._finite = counts, finite
+        else:
+            self._counts, self._finite = self._counts + counts, self._finite & finite
+        if self.use_ema:
+            embed_sum = z_e.new_zeros(self.num_codes, z_e.shape[1]).index_add_(0, indices, z_e)
+            self._embed_sum = embed_sum if self._embed_sum is None else self._embed_sum + embed_sum  # (K, d)
+        self._recent = z_e  # restarts draw from the step's last micro-batch
+
+    @torch.no_grad()
+    def step(self, apply: bool = True):
+        """End of one optimiser step: the EMA code update and dead-code restarts, from every training
+        forward since the last call (so an accumulated step counts as one step of its whole batch).
+
+        Call it on every rank after each optimiser step (under DDP it all-reduces; every rank ends
+        with the same codebook). apply=False, for a skipped step, drops what the forwards saw; so does
+        a non-finite encoder output in any of them, on any rank. Nothing to do without EMA or restarts.
+        """
+        counts, embed_sum, z_e, finite = self._counts, self._embed_sum, self._recent, self._finite
+        self._reset_pending()
+        if counts is None:
             return
         # A non-finite batch (the training step skips its update) must not write NaN into the codes
         # through the EMA or a restart; all ranks skip together.
-        finite = torch.isfinite(z_e).all().float()
+        ok = (finite & apply).float()
         if _distributed():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() == 0:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item() == 0:
             return
-        counts = torch.bincount(indices, minlength=self.num_codes).float()  # (K,)
+        if _distributed():
+            dist.all_reduce(counts)
         if self.use_ema:
-            embed_sum = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, z_e)  # (K, d)
             if _distributed():
-                dist.all_reduce(counts)
                 dist.all_reduce(embed_sum)
             self.ema_cluster_size.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
             self.ema_embed_sum.mul_(self.ema_decay).add_(embed_sum, alpha=1 - self.ema_decay)
@@ -144,8 +176,6 @@ class Codebook(nn.Module):
             n = self.ema_cluster_size.sum()
             size = (self.ema_cluster_size + 1e-5) / (n + self.num_codes * 1e-5) * n
             self.embedding.weight.copy_(self.ema_embed_sum / size[:, None])
-        elif _distributed():
-            dist.all_reduce(counts)
 
         if self.restart_dead_codes:
             self.steps_since_used.add_(1).masked_fill_(counts > 0, 0)

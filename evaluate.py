@@ -46,6 +46,7 @@ import hub
 import utils
 from lpips import MIN_SIZE as LPIPS_MIN_SIZE
 from mingpt import check_sampling
+from metrics import psnr, psnr_8bit, to_uint8_range  # noqa: F401 (psnr: evaluate.psnr, as before)
 from utils import UserError, field
 
 PYTORCH_FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -111,17 +112,6 @@ class EvalConfig:
 
 
 # ----------------------------------------------------------------------------- pixel metrics
-
-def to_uint8_range(x: torch.Tensor) -> torch.Tensor:
-    """x: (B, 3, H, W) in [-1, 1] -> same shape, whole numbers in [0, 255] (8-bit quantised), float."""
-    return ((x.float() + 1) * 127.5).clamp(0, 255).round()
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 255.0) -> torch.Tensor:
-    """x, y: (B, C, H, W) in [0, data_range] -> (B,) PSNR in dB; identical images are capped at ~148 dB."""
-    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(data_range ** 2 / mse.clamp_min(1e-10))
-
 
 def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64, device=None) -> torch.Tensor:
     """(size,) normalised 1-D Gaussian; SSIM's window is its outer product (Wang et al., 2004)."""
@@ -374,7 +364,7 @@ def reconstruction_metrics(model, loader, device, perceptual=None, inception=Non
         x = x.to(device)
         x_rec, indices, _ = model(x)
         p, p_rec = to_uint8_range(x), to_uint8_range(x_rec)  # (B, 3, H, W) in [0, 255]
-        sums["psnr"] += psnr(p, p_rec).sum().item()
+        sums["psnr"] += psnr_8bit(x, x_rec).sum().item()  # the PSNR that training's val_psnr reports
         sums["ssim"] += ssim(p, p_rec).sum().item()
         if perceptual is not None:
             sums["lpips"] += perceptual(p / 127.5 - 1, p_rec / 127.5 - 1).sum().item()

@@ -22,7 +22,6 @@ restricted unpickler that resolves only torch's weights_only allowlist and turns
 into an inert stand-in that records its arguments and calls nothing (see `read_checkpoint`).
 """
 
-import dataclasses
 import json
 import pickle
 import types
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 import hub
-from utils import UserError
+from utils import UserError, dataclass_from_dict
 from vqgan import VQGAN, VQGANConfig
 
 # ============================================================================= safe reading
@@ -339,7 +338,7 @@ def vqgan_config_from_taming(params: dict, where: str = "config") -> VQGANConfig
             ch_mult=tuple(int(m) for m in dd["ch_mult"]), num_res_blocks=int(dd["num_res_blocks"]),
             attn_resolutions=tuple(int(r) for r in dd["attn_resolutions"]), dropout=float(dd.get("dropout", 0.0)),
             z_channels=int(dd["z_channels"]), num_groups=32, latent_dim=int(params["embed_dim"]),
-            num_codebook_vectors=int(params["n_embed"]), beta=0.25, legacy_beta=True)
+            num_codebook_vectors=int(params["n_embed"]), commitment_beta=0.25, legacy_beta=True)
     except KeyError as e:
         raise UserError(f"{where}: ddconfig is missing {e}") from None
 
@@ -364,8 +363,8 @@ def infer_vqgan_config(sd: dict) -> VQGANConfig:
     attn = tuple(image_size // 2 ** i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in sd)
     return VQGANConfig(image_size=image_size, in_channels=in_channels, ch=ch, ch_mult=ch_mult,
                        num_res_blocks=num_res_blocks, attn_resolutions=attn, dropout=0.0, z_channels=z_channels,
-                       num_groups=32, latent_dim=embed_dim, num_codebook_vectors=n_embed, beta=0.25,
-                       legacy_beta=True)
+                       num_groups=32, latent_dim=embed_dim, num_codebook_vectors=n_embed,
+                       commitment_beta=0.25, legacy_beta=True)
 
 
 # state_dict entries that are not the autoencoder and are left out of it
@@ -532,8 +531,7 @@ def own_vqgan_config(ckpt: dict, path) -> VQGANConfig:
     if ckpt.get("kind") != "vqgan" or "model_config" not in ckpt:
         raise UserError(f"{path} is not a stage-one VQGAN checkpoint (kind: {ckpt.get('kind', 'unknown')}); "
                         "pass the file written by training_vqgan.py (checkpoints/vqgan_last.pt)")
-    fields = {f.name for f in dataclasses.fields(VQGANConfig)}
-    return VQGANConfig(**{k: v for k, v in ckpt["model_config"].items() if k in fields})
+    return dataclass_from_dict(VQGANConfig, ckpt["model_config"])
 
 
 # ============================================================================= transformer

@@ -14,6 +14,7 @@ config.json.
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import statistics
@@ -21,8 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import PIL
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -38,7 +41,7 @@ from utils import UserError, field
 from vqgan import VQGAN, config_from_preset, load_vqgan
 
 GPT_FIELDS = ("n_layer", "n_head", "n_embd", "embd_pdrop", "resid_pdrop", "attn_pdrop")
-CACHE_VERSION = 1  # bump when the cache layout or the augmentations change
+CACHE_VERSION = 1  # bump when the cache file's layout changes; the augmentation code is hashed (cache_key)
 
 
 @dataclass
@@ -52,7 +55,8 @@ class TrainConfig:
     resid_pdrop: float = field(0.0, "dropout on residual branches")
     attn_pdrop: float = field(0.0, "dropout on attention weights")
     vqgan_path: str = field("", "stage-one checkpoint, save_pretrained folder or Hugging Face Hub repo id "
-                                "(default: <out-dir>/checkpoints/vqgan_last.pt, what training_vqgan.py writes)")
+                                "(default: <out-dir>/checkpoints/vqgan_last.pt, what training_vqgan.py writes); "
+                                "--checkpoint-path, the reference's name, is an alias", aliases=("checkpoint_path",))
     dataset_path: str = field("", "folder of images, searched recursively (default: the embedded demo photos)")
     out_dir: str = field(".", "run folder: results/, checkpoints/, cache/, log.txt and config.json go here")
     batch_size: int = field(16, "code sequences per process per micro-step; global batch = batch-size x "
@@ -123,7 +127,9 @@ TRAIN_PRESETS: dict[str, dict] = {
     "tiny": {**GPT_PRESETS["tiny"], "batch_size": 4, "epochs": 1, "warmup_steps": 2, "log_every": 1,
              "num_augmentations": 2, "num_workers": 0, "num_grid_images": 2},
     "demo": {**GPT_PRESETS["demo"]},
-    # taming's transformer configs: base_learning_rate 4.5e-6 scaled by the batch size, dropout 0
+    # taming's transformer configs: base_learning_rate 4.5e-6 scaled by the batch size, dropout 0. Unlike
+    # taming, the defaults below add cosine decay to 0.1x, gradient clipping at 1 and pkeep 0.9; taming's
+    # recipe (constant rate, no clipping, pkeep 1) is --min-lr-ratio 1 --grad-clip 0 --pkeep 1.
     "paper": {**GPT_PRESETS["paper"], "batch_size": 16, "learning_rate": 4.5e-6 * 16, "warmup_steps": 0},
 }
 
@@ -165,10 +171,23 @@ class AugmentedImages(Dataset):
         return torch.stack(views)  # (A, 3, S, S)
 
 
-def cache_key(vqgan_digest: str, files: list[Path], image_size: int, num_augmentations: int) -> str:
+def augmentation_digest() -> str:
+    """sha256 of the source of the code that turns a file into its cached views (and of the library
+    versions that resize it), so an edit to any of it is a new cache without a hand-kept version."""
+    h = hashlib.sha256(f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}".encode())
+    for code in (AugmentedImages, encode_dataset, utils.ImageDataset, utils.load_image, utils.to_rgb):
+        h.update(inspect.getsource(code).encode())
+    return h.hexdigest()
+
+
+def cache_key(vqgan_digest: str, files: list[Path], image_size: int, num_augmentations: int,
+              precision: str, device_type: str) -> str:
     """Hash of what the cached codes depend on: the VQGAN's weights, the files (with sizes and
-    modification times), the image size and the number of views."""
-    h = hashlib.sha256(f"v{CACHE_VERSION}:{vqgan_digest}:{image_size}:{num_augmentations}".encode())
+    modification times), the image size, the number of views, the augmentation code, and the precision
+    and device type of the encoding pass (bf16 moves a few % of the codes; CUDA's fp32 convolutions
+    may use TF32)."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}:{vqgan_digest}:{image_size}:{num_augmentations}:{precision}:"
+                       f"{device_type}:{augmentation_digest()}".encode())
     for p in files:
         st = p.stat()
         h.update(f"|{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -191,10 +210,12 @@ def encode_dataset(model: VQGANTransformer, files, image_size: int, num_augmenta
     return torch.cat(chunks)
 
 
-def load_or_encode_codes(model, files, image_size, cfg, cache_dir: Path, device, amp, logger) -> torch.Tensor:
+def load_or_encode_codes(model, files, image_size, cfg, cache_dir: Path, device, amp, logger,
+                         precision: str) -> torch.Tensor:
     """The (N, A, h*w) int16/int32 codes of all files, from <cache_dir>/codes_<key>.pt or by encoding
-    them once."""
-    key = cache_key(weights_digest(model.vqgan), files, image_size, cfg.num_augmentations)
+    them once (under `amp`, whose precision is `precision`)."""
+    key = cache_key(weights_digest(model.vqgan), files, image_size, cfg.num_augmentations, precision,
+                    torch.device(device).type)
     path = cache_dir / f"codes_{key}.pt"
     cached_codes = None
     if path.is_file():
@@ -383,7 +404,7 @@ def main(argv=None):
     image_size = model.vqgan.config.image_size
 
     logger = utils.RunLogger(out, "transformer", enabled=dinfo.is_main)
-    cache = load_or_encode_codes(model, files, image_size, cfg, out / "cache", device, amp, logger)
+    cache = load_or_encode_codes(model, files, image_size, cfg, out / "cache", device, amp, logger, precision)
     codes_all = cache.to(device)  # (N, A, T), kept in int16/int32; batches become int64 when used
     # Encoding draws from the global RNG (DataLoader seeds) only on a cache miss: reseed, so training
     # is the same whether or not the codes came from the cache. Per rank (pkeep corruption, class-token

@@ -30,6 +30,7 @@ import utils
 from codebook import stats_from_counts
 from discriminator import LeCAM, Discriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, min_input_size
 from lpips import MIN_SIZE as LPIPS_MIN_SIZE
+from metrics import psnr_8bit
 from utils import UserError, field
 from vqgan import PRESETS as ARCH_PRESETS, VQGAN, VQGANConfig
 
@@ -43,7 +44,7 @@ class TrainConfig(VQGANConfig):
     # kept about 90%. --no-l2-normalize-codes --no-restart-dead-codes --legacy-beta is taming's recipe.
     l2_normalize_codes: bool = field(True, "cosine (l2-normalised) code lookup")
     restart_dead_codes: bool = field(True, "restart codes unused for --dead-code-steps steps at recent encoder outputs")
-    dead_code_steps: int = field(10, "steps without use after which a code counts as dead")
+    dead_code_steps: int = field(10, "optimiser steps without use after which a code counts as dead")
     dataset_path: str = field("", "folder of images, searched recursively (default: the embedded demo photos)")
     out_dir: str = field(".", "run folder: results/, checkpoints/, log.txt and config.json go here")
     batch_size: int = field(8, "images per process per micro-step; global batch = batch-size x processes x "
@@ -173,7 +174,8 @@ TRAIN_PRESETS: dict[str, dict] = {
     "tiny": {**ARCH_PRESETS["tiny"], "batch_size": 4, "epochs": 1, "disc_start": 2, "log_every": 1,
              "sample_every": 2, "save_every": 2, "num_workers": 0},
     "demo": {**ARCH_PRESETS["demo"]},
-    # taming's custom_vqgan/imagenet settings: lr 4.5e-6 per image, disc_weight 0.8
+    # taming's custom_vqgan/imagenet settings: lr 4.5e-6 per image, disc_weight 0.8. disc_start 10000 is
+    # custom_vqgan.yaml's; imagenet_vqgan.yaml, the paper's ImageNet model, has 250001 (--disc-start 250001).
     "f16": {**ARCH_PRESETS["f16"], "batch_size": 12, "learning_rate": 4.5e-6 * 12, "epochs": 100,
             "disc_start": 10000},
 }
@@ -257,24 +259,31 @@ def generator_step(model, disc, perceptual, x, step: int, cfg, opt, scaler, amp)
     """One generator (autoencoder) update; returns detached scalars for logging.
 
     x: (K*B, 3, H, W) in [-1, 1], split into K = cfg.grad_accum_steps micro-batches whose gradients
-    add up to the mean loss of all of them; under DDP (`model`, `disc` wrapped) the gradients are
-    all-reduced once, after the last micro-batch.
+    add up to the gradient of the mean loss over all of them; under DDP (`model`, `disc` wrapped) the
+    gradients are all-reduced once, after the last micro-batch.
 
     With the GAN on, the adaptive weight needs the gradients of the NLL and of the GAN loss at the
     decoder's last layer (taming's calculate_adaptive_weight). Rather than three backward passes
     through LPIPS and the discriminator, we take both gradients w.r.t. the reconstruction once,
     form the last layer's weight gradients from them in closed form, and push their weighted sum
-    through the autoencoder. The result equals taming's loss.backward() exactly.
+    through the autoencoder. The result equals taming's loss.backward() exactly. lambda and the
+    discriminator's batch statistics come from the whole step's batch (gan_gradients), so K
+    micro-batches of B make the update of one batch of K*B.
     """
     factor = gan_factor(step, cfg)
     disc_on = factor > 0
     opt.zero_grad(set_to_none=True)
     chunks = x.chunk(cfg.grad_accum_steps)
-    parts = [_generator_backward(model, disc, perceptual, xm, cfg, scaler, amp, factor,
-                                 weight=1.0 / len(chunks), sync=i == len(chunks) - 1)
-             for i, xm in enumerate(chunks)]
-    out = {k: torch.stack([p[k] for p in parts]).mean() for k in
-           ("loss", "rec_loss", "perceptual_loss", "q_loss", "g_loss", "lambda")}
+    weights = [len(c) / len(x) for c in chunks]  # each micro-batch's share of the batch-mean loss
+    # fp16: the loss scale as a tensor; scaler.scale() (not get_scale()) also creates the scaler's
+    # state on its first use, which unscale_ below needs
+    scale = scaler.scale(x.new_ones((), dtype=torch.float32)) if scaler.is_enabled() else 1.0
+    gan = gan_gradients(model, disc, perceptual, chunks, weights, cfg, amp, scale, factor) if disc_on else None
+    parts = [_generator_backward(model, perceptual, xm, w, cfg, amp, scale, gan, i, sync=i == len(chunks) - 1)
+             for i, (xm, w) in enumerate(zip(chunks, weights))]
+    out = {k: sum(w * p[k] for w, p in zip(weights, parts)) for k in ("loss", "rec_loss", "perceptual_loss", "q_loss")}
+    out["g_loss"] = gan["g_loss"] if gan else x.new_zeros(())
+    out["lambda"] = gan["lambda"] if gan else x.new_zeros(())
 
     if scaler.is_enabled():
         scaler.unscale_(opt)
@@ -286,88 +295,143 @@ def generator_step(model, disc, perceptual, x, step: int, cfg, opt, scaler, amp)
         scaler.update()
     elif finite:
         opt.step()
+    # EMA codes and dead-code restarts, once per optimiser step (dead_code_steps counts these)
+    utils.unwrap(model).quantize.step(apply=finite)
     return {**out, "grad_norm": grad_norm.detach(), "finite": finite,
             "x_rec": torch.cat([p["x_rec"] for p in parts]), "indices": torch.cat([p["indices"] for p in parts]),
             "disc_on": disc_on, "disc_factor": factor}
 
 
-def _generator_backward(model, disc, perceptual, x, cfg, scaler, amp, factor: float, weight: float,
-                        sync: bool) -> dict:
-    """Forward and backward of one micro-batch x: (B, 3, H, W) in [-1, 1]; gradients scaled by
-    `weight` (1/K) and added to .grad. `factor` is the GAN weight at this step (0: GAN off). Under
-    DDP, `sync` False skips the all-reduce (no_sync)."""
-    net = utils.unwrap(model)
-    disc_on = factor > 0
-    with utils.no_sync(model, sync), amp:
-        x_rec, h_last, indices, q_loss = model(x, return_last_input=True)
-        x_rec32 = x_rec.float()
-        rec_loss = (x - x_rec32).abs().mean()
-        p_loss = perceptual(x, x_rec32).mean() if perceptual is not None else x.new_zeros(())
-        nll = cfg.rec_loss_factor * rec_loss + cfg.perceptual_loss_factor * p_loss
-        # The unwrapped discriminator: only input gradients are wanted here, and a DDP wrapper's
-        # forward would make its reducer wait for parameter gradients that never come.
-        g_loss = hinge_g_loss(utils.unwrap(disc)(x_rec32).float()) if disc_on else x.new_zeros(())
-    q_loss = cfg.codebook_weight * q_loss.float()
-    # fp16: the loss scale as a tensor; scaler.scale() (not get_scale()) also creates the scaler's
-    # state on its first use, which unscale_ below needs
-    scale = scaler.scale(x.new_ones((), dtype=torch.float32)) if scaler.is_enabled() else 1.0
+def _nll(x, x_rec, perceptual, cfg, amp):
+    """L1, LPIPS and their weighted sum (taming's nll_loss), means over the micro-batch x, x_rec."""
+    with amp:
+        rec_loss = (x - x_rec).abs().mean()
+        p_loss = perceptual(x, x_rec).mean() if perceptual is not None else x.new_zeros(())
+    return rec_loss, p_loss, cfg.rec_loss_factor * rec_loss + cfg.perceptual_loss_factor * p_loss
 
-    # the GAN loss's weight: taming's adaptive lambda (below), or a fixed one
-    lam = x.new_tensor(cfg.disc_weight if disc_on else 0.0, dtype=torch.float32)
+
+def gan_gradients(model, disc, perceptual, chunks, weights, cfg, amp, scale, factor: float) -> dict:
+    """lambda and, per micro-batch, the gradient of the step's NLL + factor * lambda * GAN loss w.r.t. its
+    fp32 reconstruction (times the fp16 loss `scale`), all from the whole step's batch. `factor` is the
+    GAN weight at this step (gan_factor); lambda is taming's adaptive weight, or cfg.disc_weight with
+    --no-adaptive-weight.
+
+    lambda needs every micro-batch's last-layer gradients before any of them is backpropagated, and
+    the discriminator's BatchNorm the whole batch in one forward. With one micro-batch its forward is
+    kept ("kept") and backpropagated directly. With K > 1, a first pass runs the autoencoder without
+    a graph (codebook statistics off, RNG replayed, so the second pass is the same forward), the
+    discriminator runs once on all K*B reconstructions, and _generator_backward then runs each
+    micro-batch's forward again with its graph. Cost: one more autoencoder forward per micro-batch;
+    memory: the decoder's last input (ch x H x W) and three image-sized fp32 tensors per image of the
+    step, and the discriminator's activations for all K*B images at once.
+
+    Under DDP lambda comes from the last-layer gradients averaged over ranks, so it is the
+    one-process lambda of the global batch and the same on every rank (taming under Lightning DDP
+    uses each rank's own); the discriminator's BatchNorm still normalises each rank's own batch.
+    What else differs from one batch of K*B: dropout masks are drawn per micro-batch, and dead-code
+    restarts draw from the last micro-batch's encoder outputs (Codebook.step).
+    """
+    net, d = utils.unwrap(model), utils.unwrap(disc)
+    kept = None
+    if len(chunks) == 1:
+        with amp:
+            x_rec, h, indices, q_loss = model(chunks[0], return_last_input=True)
+        recs, hs = [x_rec.float()], [h.detach()]
+        kept = (recs[0], indices, q_loss)
+    else:
+        was_training = net.quantize.training
+        net.quantize.eval()  # no code statistics from this pass; the codes change only in step()
+        dev = chunks[0].device
+        try:
+            with torch.no_grad(), amp, torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev],
+                                                             device_type=None if dev.type == "cpu" else dev.type):
+                outs = [net(xm, return_last_input=True)[:2] for xm in chunks]
+        finally:
+            net.quantize.train(was_training)
+        recs = [r.float().requires_grad_() for r, _ in outs]
+        hs = [h for _, h in outs]
+    # gradients w.r.t. the fp32 reconstruction: under bf16 the one at x_rec itself is rounded to bf16
+    g_nll, rec_losses, p_losses = [], [], []
+    for xm, r in zip(chunks, recs):
+        rec_loss, p_loss, nll = _nll(xm, r, perceptual, cfg, amp)
+        g_nll.append(torch.autograd.grad(nll * scale, r)[0])
+        rec_losses.append(rec_loss.detach())
+        p_losses.append(p_loss.detach())
+    # The unwrapped discriminator: only input gradients are wanted here, and a DDP wrapper's forward
+    # would make its reducer wait for parameter gradients that never come.
+    r_all = recs[0] if kept else torch.cat(recs).detach().requires_grad_()
+    with amp:
+        g_loss = hinge_g_loss(d(r_all).float())
+    g_adv = torch.autograd.grad(g_loss * scale, r_all)[0].split([len(c) for c in chunks])
+    if cfg.adaptive_weight:
+        shape = net.decoder.conv_out.weight.shape
+        w_nll = sum(w * conv2d_weight(h.float(), shape, g, stride=1, padding=1)
+                    for w, h, g in zip(weights, hs, g_nll))
+        w_adv = sum(conv2d_weight(h.float(), shape, g, stride=1, padding=1) for h, g in zip(hs, g_adv))
+        # Divided by the fp16 loss scale first: taming's epsilon (1e-4) is in the units of the true gradients.
+        w_nll, w_adv = utils.all_reduce_(torch.stack([w_nll, w_adv]) / scale, mean=True)
+        lam = adaptive_weight(w_nll, w_adv, cfg.disc_weight, cfg.max_adaptive_weight)
+    else:
+        lam = g_loss.new_tensor(cfg.disc_weight)
+    grads = [w * gn + factor * lam * ga for w, gn, ga in zip(weights, g_nll, g_adv)]
+    return {"lambda": lam, "g_loss": g_loss.detach(), "grads": grads, "kept": kept, "factor": factor,
+            "rec_loss": rec_losses, "perceptual_loss": p_losses}
+
+
+def _generator_backward(model, perceptual, x, weight: float, cfg, amp, scale, gan, i: int, sync: bool) -> dict:
+    """Forward and backward of micro-batch i, x: (B, 3, H, W) in [-1, 1]; its gradients, times `weight`
+    (its share of the step's batch), are added to .grad. With the GAN on (`gan` from gan_gradients)
+    the reconstruction's gradient comes from there. Under DDP, `sync` False skips the all-reduce."""
     with utils.no_sync(model, sync):
-        if disc_on and cfg.adaptive_weight:
-            g_nll, = torch.autograd.grad(nll * scale, x_rec)
-            g_adv, = torch.autograd.grad(g_loss * scale, x_rec)
-            conv = net.decoder.conv_out
-            h = h_last.detach().float()
-            w_nll = conv2d_weight(h, conv.weight.shape, g_nll.float(), stride=1, padding=1)
-            w_adv = conv2d_weight(h, conv.weight.shape, g_adv.float(), stride=1, padding=1)
-            # Under DDP, averaged over ranks: the last layer's gradients of the global micro-batch's
-            # loss, so lambda is the one-process lambda of that batch and the same on every rank
-            # (taming under Lightning DDP uses each rank's local lambda). With accumulation it is
-            # computed per micro-batch.
-            w_nll, w_adv = utils.all_reduce_(torch.stack([w_nll, w_adv]), mean=True)
-            lam = adaptive_weight(w_nll, w_adv, cfg.disc_weight, cfg.max_adaptive_weight)
-            grad = (g_nll + (factor * lam).to(g_adv.dtype) * g_adv) * weight
-            torch.autograd.backward([x_rec, q_loss * (scale * weight)], [grad, None])
-            loss = nll + factor * lam * g_loss + q_loss
+        if gan is not None and gan["kept"] is not None:
+            x_rec, indices, q_loss = gan["kept"]
         else:
-            loss = nll + factor * lam * g_loss + q_loss
+            with amp:
+                x_rec, indices, q_loss = model(x)
+            x_rec = x_rec.float()
+        q_loss = cfg.codebook_weight * q_loss.float()
+        if gan is None:
+            rec_loss, p_loss, nll = _nll(x, x_rec, perceptual, cfg, amp)
+            loss = nll + q_loss
             (loss * (scale * weight)).backward()
+        else:
+            torch.autograd.backward([x_rec, q_loss * (scale * weight)], [gan["grads"][i], None])
+            rec_loss, p_loss = gan["rec_loss"][i], gan["perceptual_loss"][i]
+            nll = cfg.rec_loss_factor * rec_loss + cfg.perceptual_loss_factor * p_loss
+            loss = nll + gan["factor"] * gan["lambda"] * gan["g_loss"] + q_loss
     return {"loss": loss.detach(), "rec_loss": rec_loss.detach(), "perceptual_loss": p_loss.detach(),
-            "q_loss": q_loss.detach(), "g_loss": g_loss.detach(), "lambda": lam.detach(),
-            "x_rec": x_rec.detach(), "indices": indices}
+            "q_loss": q_loss.detach(), "x_rec": x_rec.detach(), "indices": indices}
 
 
-def discriminator_step(disc, x, x_rec, opt, scaler, amp, disc_factor: float, accum_steps: int = 1,
-                       lecam=None, lecam_weight: float = 0.0) -> dict:
+def discriminator_step(disc, x, x_rec, opt, scaler, amp, disc_factor: float, lecam=None,
+                       lecam_weight: float = 0.0) -> dict:
     """One discriminator update on real images and detached reconstructions, with its own optimiser.
 
-    x, x_rec: (K*B, 3, H, W) in [-1, 1], in K = accum_steps micro-batches as in generator_step. Its
-    BatchNorm layers normalise with each rank's own batch statistics (taming under Lightning DDP does
-    the same; SyncBatchNorm would add two all-gathers per forward and exists for CUDA only).
+    x, x_rec: (K*B, 3, H, W) in [-1, 1], the step's whole batch (all its micro-batches), in one forward
+    each, so BatchNorm sees the batch that one large step would. Its BatchNorm layers normalise with
+    each rank's own batch statistics (taming under Lightning DDP does the same; SyncBatchNorm would add
+    two all-gathers per forward and exists for CUDA only).
+
+    x_rec are the generator step's reconstructions, from before its update. Taming runs the autoencoder
+    again for the discriminator's turn (Lightning calls training_step once per optimiser), so its
+    discriminator sees the updated generator's; reusing them saves one autoencoder forward per step.
     With `lecam` (a discriminator.LeCAM) and `lecam_weight` > 0 its regulariser is added to the loss."""
     opt.zero_grad(set_to_none=True)
-    pairs = list(zip(x.chunk(accum_steps), x_rec.chunk(accum_steps)))
-    parts = []
-    for i, (xm, rm) in enumerate(pairs):
-        with utils.no_sync(disc, i == len(pairs) - 1):
-            with amp:
-                logits_real = disc(xm.detach()).float()
-                logits_fake = disc(rm.detach()).float()
-                d_loss = disc_factor * hinge_d_loss(logits_real, logits_fake)
-                if lecam is not None and lecam_weight > 0:
-                    d_loss = d_loss + disc_factor * lecam_weight * lecam(logits_real, logits_fake)
-            scaler.scale(d_loss / len(pairs)).backward()
-        parts.append((d_loss.detach(), logits_real.mean().detach(), logits_fake.mean().detach()))
-    d_loss, logits_real, logits_fake = (torch.stack(t).mean() for t in zip(*parts))
+    with amp:
+        logits_real = disc(x.detach()).float()
+        logits_fake = disc(x_rec.detach()).float()
+        d_loss = disc_factor * hinge_d_loss(logits_real, logits_fake)
+        if lecam is not None and lecam_weight > 0:
+            d_loss = d_loss + disc_factor * lecam_weight * lecam(logits_real, logits_fake)
+    scaler.scale(d_loss).backward()
     finite = not utils.any_rank(not bool(torch.isfinite(d_loss)))
     if scaler.is_enabled():
         scaler.step(opt)
         scaler.update()
     elif finite:
         opt.step()
-    return {"d_loss": d_loss, "logits_real": logits_real, "logits_fake": logits_fake}
+    return {"d_loss": d_loss.detach(), "logits_real": logits_real.mean().detach(),
+            "logits_fake": logits_fake.mean().detach()}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -383,14 +447,15 @@ def build_perceptual(cfg, device):
 
 
 @torch.no_grad()
-def evaluate_val(model, perceptual, loader, device, amp, max_batches: int = 8) -> dict:
-    """Mean L1, LPIPS and PSNR (on [0, 1]) of held-out reconstructions."""
+def evaluate_val(model, perceptual, loader, device, amp) -> dict:
+    """Mean L1 and LPIPS (on [-1, 1]) and PSNR (dB, on 8-bit pixels: metrics.psnr_8bit, the same as
+    evaluate.py) of the reconstructions of every image in `loader` (the held-out split), in eval mode;
+    the model is left in the mode it was found in. `val_images` is the number of images evaluated."""
+    was_training = model.training
     model.eval()
     tot = {"val_rec_loss": 0.0, "val_perceptual_loss": 0.0, "val_psnr": 0.0}
     n = 0
-    for b, (x, _) in enumerate(loader):
-        if b >= max_batches:
-            break
+    for x, _ in loader:
         x = x.to(device)
         with amp:
             x_rec, _, _ = model(x)
@@ -398,11 +463,10 @@ def evaluate_val(model, perceptual, loader, device, amp, max_batches: int = 8) -
         tot["val_rec_loss"] += (x - x_rec).abs().mean().item() * len(x)
         if perceptual is not None:
             tot["val_perceptual_loss"] += perceptual(x, x_rec).sum().item()
-        mse = ((x - x_rec) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-        tot["val_psnr"] += (-10 * torch.log10(mse)).sum().item()
+        tot["val_psnr"] += psnr_8bit(x, x_rec).sum().item()
         n += len(x)
-    model.train()
-    return {k: v / max(n, 1) for k, v in tot.items()}
+    model.train(was_training)
+    return {**{k: v / max(n, 1) for k, v in tot.items()}, "val_images": n}
 
 
 @torch.no_grad()
@@ -469,7 +533,7 @@ class StopFlag:
 
 
 # Model-config fields that only shape training, so fine-tuning may change them.
-FINETUNE_FREE = ("beta", "legacy_beta", "dropout", "restart_dead_codes", "dead_code_steps", "ema_decay")
+FINETUNE_FREE = ("commitment_beta", "legacy_beta", "dropout", "restart_dead_codes", "dead_code_steps", "ema_decay")
 
 
 def finetune_config(cfg, given: set):
@@ -665,7 +729,8 @@ def main(argv=None):
             usage, ppl = stats_from_counts(epoch_counts)
             val.update(epoch_codebook_usage=usage, epoch_perplexity=ppl)
             logger.metrics({"step": step, "epoch": epoch, **val})
-            logger.log(f"(step={step:07d}) epoch {epoch} " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            logger.log(f"(step={step:07d}) epoch {epoch} " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float)
+                                                                    else f"{k} {v}" for k, v in val.items()))
             logger.image(save_reconstructions(shown, x_show, logger.results / f"rec_epoch{epoch:04d}.png", amp), step)
             plots.update_plots(logger.results)
             plots.plot_codebook_usage(epoch_counts.cpu().numpy(), logger.metrics_path,
@@ -701,7 +766,7 @@ def main(argv=None):
                 disc_stats = [b.detach().clone() for b in disc_buffers]
                 g = generator_step(ddp_model, ddp_disc, perceptual, x, step, cfg, opt_g, scaler_g, amp)
                 d = (discriminator_step(ddp_disc, x, g["x_rec"], opt_d, scaler_d, amp, cfg.disc_factor,
-                                        cfg.grad_accum_steps, lecam, cfg.lecam_weight) if g["disc_on"] else {})
+                                        lecam, cfg.lecam_weight) if g["disc_on"] else {})
                 if ema is not None and g["finite"]:
                     utils.ema_update(ema, model, cfg.weight_ema_decay)
                 if device.type == "cuda":

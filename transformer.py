@@ -199,11 +199,16 @@ class VQGANTransformer(nn.Module, PyTorchModelHubMixin, paper_url=hub.PAPER_URL,
         starts = start if uncond_start is None else torch.cat([start, uncond_start])  # (B or 2B, 1)
         seq = torch.cat([starts, prefix.repeat(starts.shape[0] // B, 1)], dim=1)  # (B', 1 + n)
         cache = self.gpt.allocate_cache(seq.shape[0], T) if use_cache else None
+        # Taming's first n_unmasked positions attend to each other both ways, so their keys and values
+        # change with every token added there: recompute until that prefix is complete, then fill the
+        # cache once (GPT.generate refuses such prompts instead).
+        n_unmasked, filled = self.gpt.config.n_unmasked, False
         for i in range(n, T):
-            if not use_cache:
+            if not use_cache or seq.shape[1] < n_unmasked:
                 logits = self.gpt(seq)[0][:, -1]  # (B', V): recomputes the whole prefix
-            elif i == n:
+            elif not filled:
                 logits = self.gpt.forward_cached(seq, cache, 0)[:, -1]  # prefill, (B', V)
+                filled = True
             else:
                 logits = self.gpt.forward_cached(seq[:, -1:], cache, seq.shape[1] - 1)[:, -1]  # (B', V)
             logits = logits[:, : self.sample_vocab].float()  # (B', K)
@@ -329,11 +334,12 @@ def model_dict(model: VQGANTransformer) -> dict:
 
 def build_from_checkpoint(ckpt: dict, use_ema: bool = False) -> VQGANTransformer:
     """A VQGANTransformer (on the CPU, weights loaded) from a dict written by model_dict; with use_ema,
-    the EMA weights (`ema_model`, written by training with --ema-decay) when the checkpoint has them."""
-    vq_fields = {f.name for f in dataclasses.fields(VQGANConfig)}
-    tr_fields = {f.name for f in dataclasses.fields(TransformerConfig)}
-    vqgan = VQGAN(VQGANConfig(**{k: v for k, v in ckpt["vqgan_config"].items() if k in vq_fields}))
-    config = TransformerConfig(**{k: v for k, v in ckpt["transformer_config"].items() if k in tr_fields})
+    the EMA weights (`ema_model`, written by training_transformer.py with --weight-ema-decay) when the
+    checkpoint has them."""
+    from utils import dataclass_from_dict
+
+    vqgan = VQGAN(dataclass_from_dict(VQGANConfig, ckpt["vqgan_config"]))
+    config = dataclass_from_dict(TransformerConfig, ckpt["transformer_config"])
     model = VQGANTransformer(vqgan, config, ckpt.get("class_names") or None)
     state = ckpt["ema_model"] if use_ema and ckpt.get("ema_model") else ckpt["model"]
     model.load_state_dict(state, strict=True)
@@ -364,7 +370,15 @@ def load_transformer(path, device="cpu", config=None) -> VQGANTransformer:
     vqgan.load_vqgan does), or a taming-transformers Net2NetTransformer `.ckpt` (taming layout; its
     YAML given as `config` or found beside it), into a ready eval-mode model on device. A folder written
     by `save_pretrained`, or a Hugging Face Hub repo id ("owner/name"), loads through
-    `VQGANTransformer.from_pretrained` (see hub.py); bad folders raise a one-line UserError."""
+    `VQGANTransformer.from_pretrained` (see hub.py); bad folders raise a one-line UserError.
+
+    Raises:
+        utils.UserError: the file is missing, unreadable or not safe to unpickle, or a taming file (or
+            its YAML) describes a model this code can't build; the message names the problem.
+        ValueError: the file is not a stage-two checkpoint (e.g. a stage-one one), or its configs
+            describe an invalid token layout.
+        RuntimeError: its weights don't fit its own configs (load_state_dict, strict).
+    """
     from taming_compat import checkpoint_format, read_checkpoint, taming_transformer
 
     if hub.is_pretrained(path):

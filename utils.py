@@ -300,7 +300,8 @@ def build_parser(cls, description: str) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, optional = _unwrap_optional(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        # a field's `aliases` (older or reference names) are accepted as flags too
+        flags = ["--" + name.replace("_", "-") for name in (f.name, *f.metadata.get("aliases", ()))]
         helptext = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if "(default" not in helptext and "(required)" not in helptext:  # help that explains its default keeps it
@@ -310,19 +311,19 @@ def build_parser(cls, description: str) -> argparse.ArgumentParser:
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(tp) is tuple:
             elem = typing.get_args(tp)[0]
             if f.metadata.get("repeatable"):  # `--flag a --flag b` collects both, as `--flag a b` does
                 kw["action"] = "extend"
-            parser.add_argument(flag, nargs="*", type=elem, metavar=elem.__name__.upper(), **kw)
+            parser.add_argument(*flags, nargs="*", type=elem, metavar=elem.__name__.upper(), **kw)
         else:
             def conv(s, tp=tp, optional=optional):
                 if optional and s.lower() in ("none", "null", ""):
                     return None
                 return tp(s)
             conv.__name__ = tp.__name__
-            parser.add_argument(flag, type=conv, metavar=tp.__name__.upper(), **kw)
+            parser.add_argument(*flags, type=conv, metavar=tp.__name__.upper(), **kw)
     return parser
 
 
@@ -344,7 +345,8 @@ def parse_config(cls, argv, presets: dict[str, dict] | None = None, description:
 
 
 def field(default, help: str = "", **metadata):
-    """A dataclass field with help text for its flag."""
+    """A dataclass field with help text for its flag. metadata may hold `choices` and `aliases`: other
+    names (e.g. ("beta",)) accepted as flags (--beta) and as keys of saved configs (dataclass_from_dict)."""
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default),
                                  metadata={"help": help, **metadata})
@@ -395,16 +397,32 @@ def as_user_error():
         raise UserError(str(e).splitlines()[0]) from None
 
 
+def dataclass_from_dict(cls, values: dict):
+    """cls built from a saved dict (a checkpoint's config): keys under a field's older name (its
+    `aliases` metadata) are renamed to the field; keys cls has no field for are ignored."""
+    return cls(**_known_fields(cls, values))
+
+
+def _known_fields(cls, values: dict) -> dict:
+    """The entries of `values` that are fields of cls, under the fields' current names."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        for name in (*f.metadata.get("aliases", ()), f.name):  # the current name wins over an alias
+            if name in values:
+                out[f.name] = values[name]
+    return out
+
+
 def resumed_config(cfg, given: set, saved: dict, fixed: tuple, what: str):
     """The saved run's config (a dict), updated with the flags given now; a given flag that changes
     one of `fixed` (the architecture, the data) is refused with a message naming each difference."""
+    saved = _known_fields(type(cfg), saved)
     now = config_dict(cfg)
     changed = [k for k in given if k in fixed and k in saved and now[k] != saved[k]]
     if changed:
         diffs = ", ".join(f"{k}: checkpoint {saved[k]!r} vs flag {now[k]!r}" for k in changed)
         raise UserError(f"--resume with a different {what} ({diffs}); drop those flags or use a new --out-dir")
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    values = {k: v for k, v in saved.items() if k in fields}
+    values = dict(saved)
     values.update({k: getattr(cfg, k) for k in given})
     return type(cfg)(**values)
 

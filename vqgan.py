@@ -32,14 +32,17 @@ class VQGANConfig:
     num_groups: int = 32            # GroupNorm groups; taming uses 32
     latent_dim: int = 64            # code vector size (taming's embed_dim)
     num_codebook_vectors: int = 512
-    beta: float = 0.25              # commitment weight (VQ-VAE)
+    # the commitment loss weight β (VQ-VAE); `beta` in older checkpoints and as a flag (the reference's
+    # --beta), renamed as it sat beside Adam's --beta1/--beta2
+    commitment_beta: float = dataclasses.field(default=0.25, metadata={
+        "aliases": ("beta",), "help": "commitment loss weight beta (VQ-VAE); --beta is an alias"})
     legacy_beta: bool = False       # taming's placement of beta, for its released checkpoints
     codebook_dim: int | None = None  # low-dimensional lookup space; None = latent_dim
     l2_normalize_codes: bool = False
     ema_codebook: bool = False
     ema_decay: float = 0.99
     restart_dead_codes: bool = False
-    dead_code_steps: int = 100
+    dead_code_steps: int = 100      # optimiser steps (Codebook.step calls) without use before a restart
 
     def __post_init__(self):
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
@@ -86,7 +89,7 @@ class VQGAN(nn.Module, PyTorchModelHubMixin, paper_url=hub.PAPER_URL, tags=["vqg
         self.quant_conv = nn.Conv2d(c.z_channels, c.latent_dim, 1)
         self.post_quant_conv = nn.Conv2d(c.latent_dim, c.z_channels, 1)
         self.quantize = Codebook(
-            c.num_codebook_vectors, c.latent_dim, beta=c.beta, legacy_beta=c.legacy_beta,
+            c.num_codebook_vectors, c.latent_dim, beta=c.commitment_beta, legacy_beta=c.legacy_beta,
             codebook_dim=c.codebook_dim, l2_normalize=c.l2_normalize_codes, use_ema=c.ema_codebook,
             ema_decay=c.ema_decay, restart_dead_codes=c.restart_dead_codes,
             dead_code_steps=c.dead_code_steps)
@@ -154,8 +157,16 @@ def load_vqgan(path, device="cpu", config=None) -> VQGAN:
     or dict) for those; by default it is looked up beside the checkpoint, else inferred from the weights.
     A folder written by `save_pretrained`, or a Hugging Face Hub repo id ("owner/name"), loads through
     `VQGAN.from_pretrained` (see hub.py); bad folders raise a one-line UserError.
+
+    Raises:
+        utils.UserError: the file is missing, unreadable or not safe to unpickle, or a taming file (or
+            its YAML) describes a model this code can't build; the message names the problem.
+        ValueError: the file is not a stage-one checkpoint (e.g. a stage-two one), or `config` is given
+            for one of ours, which carries its own.
+        RuntimeError: its weights don't fit its own model_config (load_state_dict, strict).
     """
     import taming_compat  # local import: taming_compat imports this module
+    from utils import dataclass_from_dict
 
     if hub.is_pretrained(path):
         if config is not None:
@@ -172,8 +183,7 @@ def load_vqgan(path, device="cpu", config=None) -> VQGAN:
             kind = ckpt.get("kind", "unknown")
             raise ValueError(f"{path} is not a stage-one VQGAN checkpoint (kind: {kind}); "
                              "pass the file written by training_vqgan.py (checkpoints/vqgan_last.pt)")
-        fields = {f.name for f in dataclasses.fields(VQGANConfig)}
-        model = VQGAN(VQGANConfig(**{k: v for k, v in ckpt["model_config"].items() if k in fields}))
+        model = VQGAN(dataclass_from_dict(VQGANConfig, ckpt["model_config"]))
         state = ckpt.get("ema_model") or ckpt["model"]
         model.load_state_dict(state, strict=True)
     model.to(device).eval().requires_grad_(False)

@@ -5,6 +5,7 @@ The two processes run once per module (`ddp_runs`): each calls the scripts' main
 set, as torchrun would start them, and reports digests of its weights; the tests compare those and the
 files rank 0 wrote against one-process runs made here."""
 
+import contextlib
 import json
 import os
 import socket
@@ -16,8 +17,9 @@ import torch.multiprocessing as mp
 
 import training_transformer as tt
 import training_vqgan as tv
+from discriminator import Discriminator
 from transformer import load_transformer, weights_digest
-from vqgan import load_vqgan
+from vqgan import VQGAN, load_vqgan
 
 VQ = ["--preset", "tiny", "--perceptual-loss-factor", "0", "--num-workers", "0", "--log-every", "1",
       "--sample-every", "1000", "--save-every", "1000"]
@@ -38,6 +40,24 @@ def params_digest(module) -> str:
     return weights_digest(torch.nn.ParameterList(module.parameters()))
 
 
+def gan_generator_step(x, accum: int = 1, ddp: bool = False) -> dict:
+    """lambda and gradients of one GAN-on generator step of a seeded tiny VQGAN on x (this rank's share).
+    The discriminator's BatchNorm is in eval mode: in training mode it normalises each rank's own batch
+    by design (see README), which no one-process run reproduces; this isolates lambda and the step."""
+    torch.manual_seed(0)
+    cfg = tv.TrainConfig(**{**tv.TRAIN_PRESETS["tiny"], "disc_start": 0, "grad_accum_steps": accum})
+    model, disc = VQGAN(tv.model_config(cfg)), Discriminator(ndf=16).eval()
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    out = tv.generator_step(wrapped, disc, None, x, 0, cfg, opt, torch.amp.GradScaler("cpu", enabled=False),
+                            contextlib.nullcontext())
+    return {"lambda": out["lambda"], "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+
+
+def gan_batch() -> torch.Tensor:
+    return torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
 def _worker(rank: int, world: int, port: int, root: str):
     """One DDP process: the runs the tests compare, then a report of this rank's weights."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -47,6 +67,9 @@ def _worker(rank: int, world: int, port: int, root: str):
     # The group spans all runs; each main() finds it running, uses it and leaves it open.
     dist.init_process_group("gloo")
     report = {}
+    for accum in (1, 2):
+        torch.save(gan_generator_step(gan_batch()[2 * rank : 2 * rank + 2], accum, ddp=True),
+                   f"{root}/gan_step{rank}_accum{accum}.pt")
     # GAN on through both DDP wrappers, EMA codebook, a dead-code restart after every unused step
     r = tv.main(VQ + ["--out-dir", f"{root}/vq", "--max-steps", "4", "--batch-size", "2", "--disc-start", "1",
                       "--ema-codebook", "--restart-dead-codes", "--dead-code-steps", "1", "--weight-ema-decay", "0.9"])
@@ -121,6 +144,19 @@ def test_vqgan_two_processes_equal_one_process_same_global_batch(ddp_runs, tmp_p
     tv.main(VQ_EQ + ["--out-dir", str(tmp_path / "half"), "--batch-size", "2"])
     with pytest.raises(AssertionError):
         assert_same_update(ckpt(tmp_path / "half" / "checkpoints" / "vqgan_last.pt"), one, "opt_g")
+
+
+def test_gan_step_two_processes_equal_one_process_and_accumulation(ddp_runs):
+    """GAN on: 2 processes x 2 images (also as 2 x 1 accumulated), 1 x 4, and 2 x 2 accumulated make one
+    lambda (from the last-layer gradients of the whole global batch) and the same generator gradients."""
+    two, two_accum = (torch.load(ddp_runs / f"gan_step0_accum{k}.pt", weights_only=True) for k in (1, 2))
+    one, accum = gan_generator_step(gan_batch()), gan_generator_step(gan_batch(), accum=2)
+    for other in (two, two_accum, accum):
+        torch.testing.assert_close(other["lambda"], one["lambda"], rtol=1e-5, atol=0)
+        for n, g in one["grads"].items():  # gradients ~1e-2; summation order moves them by ~1e-7
+            torch.testing.assert_close(other["grads"][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    # control: rank 0's own half of the batch gives another lambda
+    assert not torch.allclose(gan_generator_step(gan_batch()[:2])["lambda"], one["lambda"], rtol=1e-3)
 
 
 def test_two_process_checkpoint_resumes_in_one_process(ddp_runs, tmp_path):

@@ -2,7 +2,6 @@
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -32,12 +31,10 @@ def _write_metrics(path, vqgan_steps=300, transformer_steps=100):
 
 def test_update_plots_writes_loss_curves(tmp_path):
     _write_metrics(tmp_path / "metrics.jsonl")
-    t0 = time.perf_counter()
     out = plots.update_plots(tmp_path)
     assert out == tmp_path / "loss_curves.png"
     with Image.open(out) as img:
         assert img.format == "PNG" and img.width > 600 and img.height > 400  # 2 rows x 3 panels
-    assert time.perf_counter() - t0 < 5  # generous: the budget is ~0.5 s, but CI machines are shared
     assert not list(tmp_path.glob(".*tmp*"))  # the temp file was renamed away
 
 

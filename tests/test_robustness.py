@@ -227,9 +227,11 @@ def test_ema_codebook_ignores_a_nan_batch():
     z = torch.randn(2, 4, 3, 3)
     z[0, 0, 0, 0] = float("nan")
     cb(z)
+    cb.step()
     for k, v in cb.state_dict().items():
         assert torch.equal(v, before[k]), k
     cb(torch.randn(2, 4, 3, 3))  # a finite batch still updates
+    cb.step()
     assert not torch.equal(cb.embedding.weight, before["embedding.weight"])
 
 

@@ -79,6 +79,18 @@ def test_code_cache_is_reused_without_the_encoder(stage_one, tmp_path, monkeypat
     # a different number of views is a different cache
     with pytest.raises(AssertionError, match="encoder ran"):
         training_transformer.main(args + ["--num-augmentations", "3"])
+    # ...and so is another precision of the encoding pass (bf16 changes a few % of the codes)
+    with pytest.raises(AssertionError, match="encoder ran"):
+        training_transformer.main(args + ["--precision", "bf16"])
+
+    # ...and other augmentation code (its source is hashed, no version to bump by hand)
+    class OtherCrops(utils.ImageDataset):
+        def _augment(self, img, seed):
+            return super()._augment(img.transpose(0), seed)  # mirrored before the crop
+
+    monkeypatch.setattr(utils, "ImageDataset", OtherCrops)
+    with pytest.raises(AssertionError, match="encoder ran"):
+        training_transformer.main(args)
 
 
 def test_exact_resume(stage_one, tmp_path):
@@ -128,6 +140,13 @@ def test_conditional_training_and_guided_sampling(stage_one, tmp_path):
     with pytest.raises(SystemExit) as e:
         utils.run_main(sample_transformer.main, ["--transformer-path", str(ckpt), "--class-label", "zebra"])
     assert e.value.code == 2
+
+
+def test_checkpoint_path_is_an_alias_of_vqgan_path():
+    """The reference names the stage-one checkpoint --checkpoint-path; both flags set vqgan_path."""
+    for flag in ("--vqgan-path", "--checkpoint-path"):
+        cfg, given = utils.parse_config(training_transformer.TrainConfig, [flag, "run/vqgan.pt"])
+        assert cfg.vqgan_path == "run/vqgan.pt" and given == {"vqgan_path"}
 
 
 def test_missing_stage_one_checkpoint_is_a_clear_error(tmp_path, capsys):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch.nn.grad import conv2d_weight
 
 import training_vqgan as tv
 import utils
@@ -81,12 +82,111 @@ def test_generator_step_matches_taming_loss_backward():
         torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_fp16_loss_scale_does_not_change_lambda():
+    """lambda's epsilon is in the units of the true gradients: a loss-scaled (fp16) step gives taming's
+    lambda and, after unscaling, the same gradients. A weak discriminator (tiny GAN gradient) makes
+    the epsilon matter, as it did when the scaled gradients met it (eps / scale)."""
+    cfg, model, disc, _, _, _, x = setup()
+    with torch.no_grad():
+        disc.main[-1].weight.mul_(1e-4)
+    out, grad = {}, {}
+    for scaled in (False, True):
+        m, d = copy.deepcopy(model), copy.deepcopy(disc)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, enabled=scaled)
+        out[scaled] = tv.generator_step(m, d, None, x, 0, cfg, opt, scaler, AMP)
+        grad[scaled] = grads(m)
+    torch.testing.assert_close(out[True]["lambda"], out[False]["lambda"], rtol=1e-5, atol=0)
+    for n, g in grad[False].items():
+        torch.testing.assert_close(grad[True][n], g, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_bf16_lambda_from_fp32_reconstruction_gradients():
+    """Under bf16 the NLL and GAN gradients are taken w.r.t. the fp32 reconstruction, not the bf16
+    one (whose gradient autograd rounds to bf16): lambda equals the one from fp32 gradients."""
+    cfg, model, disc, opt_g, _, scaler, x = setup()
+    amp = torch.autocast("cpu", dtype=torch.bfloat16)
+    ref_model, ref_disc = copy.deepcopy(model), copy.deepcopy(disc)
+    with amp:
+        x_rec, h, _, _ = ref_model(x, return_last_input=True)
+    x32 = x_rec.detach().float().requires_grad_()
+    with amp:
+        nll = (x - x32).abs().mean()
+        g_loss = hinge_g_loss(ref_disc(x32).float())
+    shape = ref_model.decoder.conv_out.weight.shape
+    w_nll, w_adv = (conv2d_weight(h.float(), shape, torch.autograd.grad(loss, x32)[0], padding=1)
+                    for loss in (nll, g_loss))
+    lam_ref = adaptive_weight(w_nll, w_adv, cfg.disc_weight)
+    out = tv.generator_step(model, disc, None, x, 0, cfg, opt_g, scaler, amp)
+    torch.testing.assert_close(out["lambda"], lam_ref, rtol=1e-5, atol=0)
+
+
+def gan_step(accum: int, disc_eval: bool = False):
+    """One GAN-on generator + discriminator step on the 4 images of setup(), in `accum` micro-batches."""
+    cfg, model, disc, opt_g, opt_d, scaler, x = setup(grad_accum_steps=accum)
+    disc.train(not disc_eval)
+    g = tv.generator_step(model, disc, None, x, 0, cfg, opt_g, scaler, AMP)
+    g_grads = grads(model)
+    bn_after_g = [b.clone() for b in disc.buffers()]
+    d = tv.discriminator_step(disc, x, g["x_rec"], opt_d, scaler, AMP, cfg.disc_factor)
+    buffers = {**{"model." + n: b for n, b in model.named_buffers()}, **{"disc." + n: b for n, b in disc.named_buffers()}}
+    return {"g": g, "d": d, "g_grads": g_grads, "d_grads": grads(disc), "bn_after_g": bn_after_g, "buffers": buffers}
+
+
+def test_gan_step_with_accumulation_equals_one_large_batch():
+    """B x 2 accumulated micro-batches make the update of one batch of 2B with the GAN on: lambda from
+    the whole batch's last-layer gradients, the discriminator's BatchNorm over the whole batch (in the
+    generator's GAN loss and in its own step): the same gradients, and the same statistics after it
+    (weights after one Adam step, ~lr * sign(grad), would only show float noise in tiny gradients)."""
+    one, accum = gan_step(1), gan_step(2)
+    for k in ("lambda", "g_loss", "loss", "rec_loss", "q_loss"):
+        torch.testing.assert_close(accum["g"][k], one["g"][k], rtol=1e-5, atol=1e-7, msg=k)
+    for k in ("d_loss", "logits_real", "logits_fake"):
+        torch.testing.assert_close(accum["d"][k], one["d"][k], rtol=1e-5, atol=1e-7, msg=k)
+    for which in ("g_grads", "d_grads"):
+        assert accum[which].keys() == one[which].keys()
+        for n, g in one[which].items():
+            torch.testing.assert_close(accum[which][n], g, rtol=1e-4, atol=1e-7, msg=f"{which} {n}")
+    for a, b in zip(accum["bn_after_g"], one["bn_after_g"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert accum["buffers"].keys() == one["buffers"].keys()
+    for n, v in one["buffers"].items():  # BatchNorm running statistics, dead-code counters
+        torch.testing.assert_close(accum["buffers"][n], v, rtol=1e-5, atol=1e-7, msg=n)
+    # control: half the batch gives another lambda, so the comparison can fail
+    cfg, model, disc, opt_g, _, scaler, x = setup()
+    half = tv.generator_step(model, disc, None, x[:2], 0, cfg, opt_g, scaler, AMP)
+    assert not torch.allclose(half["lambda"], one["g"]["lambda"], rtol=1e-3)
+
+
+def test_accumulated_gan_step_replays_the_same_forward():
+    """With K > 1 the GAN step runs each micro-batch's forward twice (without, then with a graph): the
+    two must be the same forward, also with dropout (RNG replayed) and an EMA codebook (which changes
+    only in step())."""
+    cfg, model, disc, opt_g, _, scaler, x = setup(grad_accum_steps=2, dropout=0.3, ema_codebook=True)
+    recs = []
+    model.decoder.conv_out.register_forward_hook(lambda m, i, out: recs.append(out.detach().clone()))
+    tv.generator_step(model, disc, None, x, 0, cfg, opt_g, scaler, AMP)
+    assert len(recs) == 4  # two micro-batches, two passes
+    assert torch.equal(recs[0], recs[2]) and torch.equal(recs[1], recs[3])
+    assert not torch.equal(recs[0], recs[1])
+
+
 def test_no_discriminator_compute_before_disc_start():
     cfg, model, disc, opt_g, _, scaler, x = setup(disc_start=100)
     calls = []
     disc.register_forward_hook(lambda *a: calls.append(1))
     out = tv.generator_step(model, disc, None, x, 5, cfg, opt_g, scaler, AMP)
     assert not out["disc_on"] and calls == [] and out["lambda"].item() == 0
+
+
+def test_dead_code_steps_count_optimiser_steps_not_micro_batches():
+    """With --grad-accum-steps 2 a step runs two forwards; codes unused in it are one step old."""
+    cfg, model, disc, opt_g, _, scaler, x = setup(disc_start=10 ** 9, grad_accum_steps=2,
+                                                  restart_dead_codes=True, dead_code_steps=2)
+    out = tv.generator_step(model, disc, None, x, 0, cfg, opt_g, scaler, AMP)
+    unused = torch.bincount(out["indices"].flatten(), minlength=cfg.num_codebook_vectors) == 0
+    assert unused.any()
+    assert torch.equal(model.quantize.steps_since_used, unused.long())  # not restarted after 2 forwards
 
 
 def test_overfits_one_batch():
@@ -112,6 +212,27 @@ def test_non_finite_step_is_skipped():
     assert not out["finite"]
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_evaluate_val_covers_the_split_restores_the_mode_and_uses_8bit_psnr(mode):
+    """Validation runs every held-out batch (not the first 8), leaves the model in the mode it found
+    (an EMA copy stays in eval), and its PSNR is evaluate.py's 8-bit one."""
+    import evaluate
+
+    cfg, model, _, _, _, _, _ = setup()
+    model.train(mode == "train")
+    images = torch.rand(20, 3, 32, 32) * 2 - 1
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(20)), batch_size=2)
+    val = tv.evaluate_val(model, None, loader, "cpu", AMP)
+    assert model.training == (mode == "train")
+    assert val["val_images"] == 20
+    model.eval()
+    with torch.no_grad():
+        x_rec = model(images)[0].clamp(-1, 1)
+    expect = evaluate.psnr(evaluate.to_uint8_range(images), evaluate.to_uint8_range(x_rec)).mean().item()
+    assert val["val_psnr"] == pytest.approx(expect, rel=1e-6)
+    assert val["val_rec_loss"] == pytest.approx((images - x_rec).abs().mean().item(), rel=1e-5)
 
 
 def test_epoch_sampler_resumes_mid_epoch_and_shards():
@@ -194,6 +315,22 @@ def test_bad_flags(tmp_path, capsys):
         tv.main(ARGS + ["--image-size", "33", "--out-dir", str(tmp_path)])
     with pytest.raises(utils.UserError, match="batch-size"):
         tv.main(ARGS + ["--batch-size", "1000", "--out-dir", str(tmp_path)])
+
+
+def test_commitment_beta_flag_aliases_and_old_checkpoints(tmp_path):
+    """--commitment-beta is the codebook's beta; the reference's --beta still sets it (not Adam's
+    --beta1/--beta2), and checkpoints saved under the old name `beta` load with their value."""
+    cfg, given = utils.parse_config(tv.TrainConfig, ["--beta", "0.5", "--beta1", "0.7"], tv.TRAIN_PRESETS)
+    assert cfg.commitment_beta == 0.5 and cfg.beta1 == 0.7 and given == {"commitment_beta", "beta1"}
+    assert utils.parse_config(tv.TrainConfig, ["--commitment-beta", "0.4"])[0].commitment_beta == 0.4
+    model = VQGAN(tv.model_config(cfg))
+    old = utils.config_dict(tv.model_config(cfg))
+    old["beta"] = old.pop("commitment_beta")
+    utils.save_checkpoint({"kind": "vqgan", "model_config": old, "model": model.state_dict()}, tmp_path / "old.pt")
+    assert load_vqgan(tmp_path / "old.pt").quantize.beta == 0.5
+    saved = {**utils.config_dict(cfg), "beta": 0.3}
+    del saved["commitment_beta"]
+    assert utils.resumed_config(tv.TrainConfig(), set(), saved, (), "architecture").commitment_beta == 0.3
 
 
 def test_finetune_from_checkpoint(tmp_path):

@@ -106,6 +106,38 @@ def test_cached_and_uncached_generation_agree():
     assert torch.equal(sampled_cached, sampled_full)
 
 
+@pytest.mark.parametrize("n_prefix", [0, 2, 10])
+def test_cache_agrees_for_taming_layout_with_n_unmasked(monkeypatch, n_prefix):
+    """Taming's n_unmasked prefix attends both ways, so keys cached before it is complete go stale:
+    cached sampling must give the uncached logits at every step (it recomputes until the prefix is
+    whole), with and without a kept prefix shorter than n_unmasked."""
+    import transformer
+
+    torch.manual_seed(0)
+    vqgan = VQGAN(config_from_preset("tiny", image_size=16))
+    model = VQGANTransformer(vqgan, TransformerConfig(**GPT_PRESETS["tiny"], token_layout="taming",
+                                                      vocab_size=64, sos_token=0, n_unmasked=5)).eval()
+    for w in model.gpt.parameters():  # larger weights than at init: peaky attention, so differences show
+        if w.dim() > 1:
+            torch.nn.init.normal_(w, std=0.3)
+    seen = []
+
+    def record(logits, *args, **kwargs):
+        seen.append(logits.clone())
+        return logits.argmax(-1, keepdim=True)
+
+    monkeypatch.setattr(transformer, "sample_next_token", record)
+    prefix = torch.randint(0, 64, (2, n_prefix), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for use_cache in (True, False):
+        seen.clear()
+        runs[use_cache] = (model.generate(2, prefix=prefix, use_cache=use_cache), list(seen))
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert len(runs[True][1]) == 64 - n_prefix
+    for a, b in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("keep_fraction", [0.5, 0.25])
 def test_completion_keeps_the_given_rows_exactly(keep_fraction):
     model = tiny_model()

@@ -47,6 +47,9 @@ GRID16_NARROW = ["--ch-mult", "1", "2", "2", "--attn-resolutions", "16"]
 # the optimisation changes that won at 150 steps: lr 2e-4 with 20 warmup steps and cosine decay, and
 # Adam betas (0.9, 0.99)
 OPTIM = ["--learning-rate", "2e-4", "--warmup-steps", "20", "--lr-decay", "cosine", "--beta1", "0.9", "--beta2", "0.99"]
+FINAL = V1 + GRID16_NARROW + OPTIM
+# the GAN phase: per-image (GroupNorm) discriminator, a gentler adaptive weight reached over a ramp, LeCAM
+GAN = ["--disc-norm", "group", "--disc-weight", "0.1", "--gan-ramp-steps", "50", "--lecam-weight", "0.1"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,12 @@ RECIPES: dict[str, Recipe] = {
     "v1-betas": _r("v1 + Adam betas (0.9, 0.99)", *V1, "--beta1", 0.9, "--beta2", 0.99),
     "v1-dead50": _r("v1 + dead-code restarts after 50 unused steps (not 10)", *V1, "--dead-code-steps", 50),
     "v1-cbdim8": _r("v1 + 8-dimensional code lookup (ViT-VQGAN factorised codes)", *V1, "--codebook-dim", 8),
+    # the new recipe (README: the demo preset's defaults), and the GAN switched on at step 300 of 450
+    "final": _r("16x16-narrow + the optimisation changes, no GAN", *FINAL),
+    "final-gan-taming": _r("final + taming's GAN from step 300: BatchNorm D, adaptive weight x 0.8, no ramp",
+                           *FINAL, "--disc-start", 300, fork=("final", 300)),
+    "final-gan": _r("final + GAN from step 300: GroupNorm D, adaptive weight x 0.1, 50-step ramp, LeCAM 0.1",
+                    *FINAL, "--disc-start", 300, *GAN, fork=("final", 300)),
     "v1-optim": _r("v1 + both optimisation changes (lr 2e-4, warmup, cosine; betas 0.9, 0.99)", *V1, *OPTIM),
     "optim-f16": _r("the new optimisation on the f16 architecture (for the dome272 comparison)", *V1, *OPTIM),
     "16x16-narrow": _r("v1 with a 16x16 grid from three levels of 64-128-128 channels (ch_mult 1,2,2)",

@@ -174,8 +174,9 @@ def _base_flags(cfg: StudyConfig, run_dir: Path) -> list[str]:
     return flags + cfg.extra.split()
 
 
-def train_recipe(cfg: StudyConfig, name: str, run_dir: Path) -> float:
-    """Train one recipe into run_dir; returns its training wall time in seconds (its own steps only)."""
+def train_recipe(cfg: StudyConfig, name: str, run_dir: Path) -> tuple[float, float]:
+    """Train one recipe into run_dir; returns its wall and CPU (process) time in seconds, its own steps
+    only. CPU time is what a one-thread run costs whatever else shares the machine."""
     import training_vqgan
     recipe = RECIPES[name]
     flags = _base_flags(cfg, run_dir) + list(recipe.flags)
@@ -190,9 +191,9 @@ def train_recipe(cfg: StudyConfig, name: str, run_dir: Path) -> float:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "checkpoints" / "vqgan_last.pt").write_bytes(src.read_bytes())
         flags += ["--resume"]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     training_vqgan.main(flags)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def evaluate_recipe(cfg: StudyConfig, run_dir: Path, perceptual, inception) -> dict:
@@ -248,7 +249,8 @@ def run_dome272(cfg: StudyConfig, run_dir: Path) -> tuple:
     res = torch.load(run_dir / "heldout_rec.pt", weights_only=True)
     utils.save_grid([heldout[:8], res["rec"][:8]], run_dir / "heldout.png")
     pairs = zip(heldout.split(16), res["rec"].split(16))
-    return pairs, res["train_seconds"], res["steps"], res["indices"], tcfg.num_codebook_vectors
+    return (pairs, (res["train_seconds"], res.get("train_cpu_seconds")), res["steps"], res["indices"],
+            tcfg.num_codebook_vectors)
 
 
 def run_study(cfg: StudyConfig, names: list[str]) -> dict:
@@ -277,7 +279,8 @@ def run_study(cfg: StudyConfig, names: list[str]) -> dict:
             seconds = train_recipe(cfg, name, run_dir)
             metrics = evaluate_recipe(cfg, run_dir, perceptual, inception)
             steps = utils.load_checkpoint(run_dir / "checkpoints" / "vqgan_last.pt")["step"]
-        results[name] = {"key": key, "steps": steps, "train_seconds": seconds, **metrics}
+        results[name] = {"key": key, "steps": steps, "train_seconds": seconds[0], "train_cpu_seconds": seconds[1],
+                         **metrics}
         utils.write_json(saved, results[name])
     return results
 
@@ -299,7 +302,7 @@ def _metric_nets(cfg: StudyConfig):
 def format_table(results: dict, names: list[str], baseline: str) -> str:
     """Markdown table of the results, with PSNR and LPIPS deltas against `baseline`."""
     base = results.get(baseline, {})
-    head = ("| recipe | change | steps | train s | PSNR | ΔPSNR | SSIM | LPIPS | LPIPS ratio | rFID | KID×1000 "
+    head = ("| recipe | change | steps | train s | CPU s | PSNR | ΔPSNR | SSIM | LPIPS | LPIPS ratio | rFID | KID×1000 "
             "| usage |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
@@ -310,7 +313,8 @@ def format_table(results: dict, names: list[str], baseline: str) -> str:
         d_psnr = r["psnr"] - base["psnr"] if base else None
         ratio = r["lpips"] / base["lpips"] if base and r.get("lpips") and base.get("lpips") else None
         change = RECIPES[name].change if name in RECIPES else "dome272/VQGAN-pytorch's model and loop"
-        lines.append(f"| {name} | {change} | {r['steps']} | {r['train_seconds']:.0f} | {r['psnr']:.2f} | "
+        lines.append(f"| {name} | {change} | {r['steps']} | {r['train_seconds']:.0f} | "
+                     f"{f(r.get('train_cpu_seconds'), '{:.0f}')} | {r['psnr']:.2f} | "
                      f"{f(d_psnr, '{:+.2f}')} | {r['ssim']:.3f} | {f(r['lpips'], '{:.3f}')} | "
                      f"{f(ratio, '{:.2f}')} | {f(r['rfid'], '{:.1f}')} | "
                      f"{f(r['kid'] * 1000 if r['kid'] is not None else None, '{:.1f}')} | "

@@ -39,7 +39,7 @@ def test_non_square_and_bad_sizes():
         model(torch.zeros(1, 1, 32, 32))
 
 
-@pytest.mark.parametrize("preset,size,grid", [("demo", 64, 8), ("f16", 32, 2)])
+@pytest.mark.parametrize("preset,size,grid", [("demo", 64, 16), ("f16", 32, 2)])
 def test_presets_shapes(preset, size, grid):
     cfg = config_from_preset(preset)
     model = VQGAN(cfg).eval()

@@ -7,7 +7,7 @@ Measures, with random weights (speed does not depend on them):
 - stage one: VQGAN training steps (training_vqgan.generator_step, then discriminator_step once the
   GAN is on) in images/s, before and after disc_start, with peak memory and FLOPs per step;
 - stage two: GPT training in tokens/s on cached codes vs encoding every batch
-  (training_transformer.benchmark_code_cache, on the demo photos);
+  (benchmark_code_cache, on the demo photos);
 - sampling: tokens/s of mingpt.GPT.generate with the KV cache vs recomputing the whole prefix.
 
 Each measurement runs --warmup untimed rounds, then --repeats timed rounds of --steps steps; the
@@ -33,12 +33,15 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli
+import data
 import training_vqgan
-import utils
+from cli import UserError, field
+from devices import PRECISIONS, autocast, resolve_device, resolve_precision
 from discriminator import Discriminator
 from mingpt import GPT, GPT_PRESETS
-from utils import UserError, field
-from vqgan import PRESETS as ARCH_PRESETS, VQGAN
+from transformer import TransformerConfig, VQGANTransformer
+from vqgan import PRESETS as ARCH_PRESETS, VQGAN, config_from_preset
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched
 # against torch.cuda.get_device_name in this order (the first substring that matches wins).
@@ -68,7 +71,7 @@ class BenchConfig:
     sample_batch_size: int = field(8, "sequences sampled at once")
     device: str = field("auto", "auto, cpu, cuda, cuda:N or mps")
     precision: str = field("auto", "auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16",
-                           choices=list(utils.PRECISIONS))
+                           choices=list(PRECISIONS))
     perceptual: bool = field(True, "include LPIPS in the stage-one step, as training does (needs VGG16 weights)")
     steps: int = field(3, "steps per timed round")
     warmup: int = field(1, "untimed rounds before timing")
@@ -83,9 +86,9 @@ class BenchConfig:
         """Raise UserError (one line: the flag, its range, what to do) for counts out of range and for a
         stage-one configuration (--preset with --image-size, --batch-size) that training would refuse;
         the sampling benchmark runs the same architecture's code grid."""
-        utils.check_ranges(self, {"image_size": ">= 0", "batch_size": ">= 0", "gpt_batch_size": ">= 1",
+        cli.check_ranges(self, {"image_size": ">= 0", "batch_size": ">= 0", "gpt_batch_size": ">= 1",
                                   "sample_batch_size": ">= 1", "steps": ">= 1", "warmup": ">= 0", "repeats": ">= 1",
-                                  "seed": utils.SEED_RANGE})
+                                  "seed": cli.SEED_RANGE})
         stage_one_config(self).validate()
 
 
@@ -184,7 +187,7 @@ def bench_stage_one(cfg: BenchConfig, device, precision: str) -> dict:
     opt_d = torch.optim.Adam(disc.parameters(), lr=tcfg.learning_rate, betas=betas)
     scaler_g = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     scaler_d = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    amp = utils.autocast(device, precision)
+    amp = autocast(device, precision)
     x = torch.rand(tcfg.batch_size, 3, tcfg.image_size, tcfg.image_size, device=device) * 2 - 1
 
     def step(gan_on: bool):
@@ -209,16 +212,93 @@ def bench_stage_one(cfg: BenchConfig, device, precision: str) -> dict:
 
 
 def bench_stage_two(cfg: BenchConfig, device) -> dict | None:
-    """training_transformer.benchmark_code_cache, when stage two provides it."""
+    """benchmark_code_cache, or None when stage two (training_transformer.py) can't be imported."""
     try:
-        import training_transformer
+        import training_transformer  # noqa: F401  (its train_step is what benchmark_code_cache times)
     except ImportError:
         return None
-    if not hasattr(training_transformer, "benchmark_code_cache"):
-        return None
-    return training_transformer.benchmark_code_cache(
+    return benchmark_code_cache(
         steps=cfg.steps, repeats=cfg.repeats, batch_size=cfg.gpt_batch_size, device=str(device),
         seed=cfg.seed, vqgan_preset=cfg.preset, gpt_preset=cfg.gpt_preset)
+
+
+def benchmark_code_cache(steps: int = 5, repeats: int = 5, batch_size: int = 16, device: str = "cpu",
+                         seed: int = 0, threads: int | None = None, vqgan_preset: str = "demo",
+                         gpt_preset: str = "demo") -> dict:
+    """GPT training throughput on cached codes vs encoding every batch through the VQGAN encoder.
+
+    By default both use the `demo` presets (VQGAN 64px -> 8x8 codes, GPT 4x4x128; `vqgan_preset`
+    names a vqgan.PRESETS entry, `gpt_preset` a mingpt.GPT_PRESETS one), with random weights. Three
+    pipelines, each `steps` training steps on batches of the demo photos:
+      cached:      index the pre-encoded codes, as training_transformer.main does;
+      encode:      run the encoder on images already in memory (no loading: the lower bound);
+      load_encode: load, crop and flip the batch's photos, then encode, as the reference does per step.
+    They are measured interleaved (cached, encode, load_encode, cached, ...) `repeats` times after
+    one warm-up round, and medians are taken, so load from other processes hits all alike.
+    `threads` sets torch's CPU threads for the measurement (None: unchanged).
+
+    Returns {"cached_tokens_per_sec", "encode_tokens_per_sec", "load_encode_tokens_per_sec"
+    (medians), "speedup" (cached / encode), "speedup_with_loading" (cached / load_encode),
+    "runs" ({pipeline: per-repeat tokens/s}), "batch_size", "steps", "repeats",
+    "tokens_per_sequence", "threads", "vqgan_preset", "gpt_preset"}.
+    """
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _benchmark_code_cache(steps, repeats, batch_size, device, seed, vqgan_preset, gpt_preset)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _benchmark_code_cache(steps, repeats, batch_size, device, seed, vqgan_preset, gpt_preset) -> dict:
+    """The measurement of benchmark_code_cache."""
+    from training_transformer import train_step
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    vq_cfg = config_from_preset(vqgan_preset)
+    model = VQGANTransformer(VQGAN(vq_cfg), TransformerConfig(**GPT_PRESETS[gpt_preset])).to(dev)
+    model.train()
+    opt = model.gpt.configure_optimizers(0.01, 3e-4, (0.9, 0.95))
+    scaler = torch.amp.GradScaler(dev.type, enabled=False)
+    amp = autocast(dev, "fp32")
+    files = data.find_images(data.DEMO_DATA)
+    dataset = data.ImageDataset(files, vq_cfg.image_size, train=True)
+    n = len(files)
+    batches = [[(i * batch_size + j) % n for j in range(batch_size)] for i in range(steps)]
+    images = torch.stack([dataset[(i, i)][0] for i in range(n)]).to(dev)  # (N, 3, S, S) in memory
+    cache = torch.cat([model.encode_to_indices(images[i : i + batch_size]) for i in range(0, n, batch_size)])
+    T = cache.shape[1]
+
+    def codes_for(mode: str, rows: list[int], step: int) -> torch.Tensor:
+        if mode == "cached":
+            return cache[torch.tensor(rows, device=dev)]  # (B, T)
+        if mode == "encode":
+            return model.encode_to_indices(images[torch.tensor(rows, device=dev)])
+        x = torch.stack([dataset[(r, step * n + r)][0] for r in rows]).to(dev)  # (B, 3, S, S)
+        return model.encode_to_indices(x)
+
+    def run(mode: str) -> float:
+        t0 = time.perf_counter()
+        for step, rows in enumerate(batches):
+            train_step(model, codes_for(mode, rows, step), None, opt, scaler, amp, 1.0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * batch_size * T / (time.perf_counter() - t0)
+
+    modes = ("cached", "encode", "load_encode")
+    for mode in modes:  # warm-up
+        run(mode)
+    runs = {mode: [] for mode in modes}
+    for _ in range(repeats):
+        for mode in modes:
+            runs[mode].append(run(mode))
+    med = {mode: statistics.median(r) for mode, r in runs.items()}
+    return {"cached_tokens_per_sec": med["cached"], "encode_tokens_per_sec": med["encode"],
+            "load_encode_tokens_per_sec": med["load_encode"], "speedup": med["cached"] / med["encode"],
+            "speedup_with_loading": med["cached"] / med["load_encode"], "runs": runs, "batch_size": batch_size,
+            "steps": steps, "repeats": repeats, "tokens_per_sequence": T, "threads": torch.get_num_threads(),
+            "vqgan_preset": vqgan_preset, "gpt_preset": gpt_preset}
 
 
 def bench_sampling(cfg: BenchConfig, device, precision: str) -> dict:
@@ -229,7 +309,7 @@ def bench_sampling(cfg: BenchConfig, device, precision: str) -> dict:
     torch.manual_seed(cfg.seed)
     gpt = GPT(arch["num_codebook_vectors"] + 1, tokens, **GPT_PRESETS[cfg.gpt_preset]).to(device).eval()
     start = torch.full((cfg.sample_batch_size, 1), arch["num_codebook_vectors"], dtype=torch.long, device=device)
-    amp = utils.autocast(device, precision)
+    amp = autocast(device, precision)
 
     def sample(use_cache: bool):
         # the start token plus tokens - 1 fed-back codes fill the block exactly
@@ -277,10 +357,10 @@ def format_table(results: dict) -> str:
 
 
 def main(argv=None):
-    cfg, _ = utils.parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
+    cfg, _ = cli.parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
     cfg.validate()
-    device = utils.resolve_device(cfg.device)
-    precision = utils.resolve_precision(cfg.precision, device)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     results = {"device": str(device), "device_name": name, "precision": precision, "torch": torch.__version__,
                "threads": torch.get_num_threads(), "preset": cfg.preset, "gpt_preset": cfg.gpt_preset,
@@ -292,14 +372,14 @@ def main(argv=None):
     if cfg.stage_two:
         results["stage_two"] = bench_stage_two(cfg, device)
         if results["stage_two"] is None:
-            print("stage two skipped: training_transformer.benchmark_code_cache is not available", file=sys.stderr)
+            print("stage two skipped: training_transformer.py is not available", file=sys.stderr)
     if cfg.sampling:
         results["sampling"] = bench_sampling(cfg, device, precision)
     print(format_table(results))
     if cfg.json:
-        print(f"wrote {utils.write_json(cfg.json, results)}")
+        print(f"wrote {cli.write_json(cfg.json, results)}")
     return results
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

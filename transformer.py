@@ -21,8 +21,11 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 
 import hub
+from checkpoints import load_checkpoint
+from cli import config_dict, dataclass_from_dict
 from mingpt import GPT, check_sampling, sample_next_token
-from vqgan import VQGAN, VQGANConfig
+from taming_compat import checkpoint_format, taming_transformer
+from vqgan import VQGAN, VQGANConfig, vqgan_from_state_dict
 
 
 @dataclass
@@ -322,7 +325,6 @@ def weights_digest(module: nn.Module) -> str:
 
 def model_dict(model: VQGANTransformer) -> dict:
     """What a transformer checkpoint needs to rebuild the model: both configs, all weights (VQGAN included)."""
-    from utils import config_dict
     return {
         "kind": "transformer",
         "transformer_config": config_dict(model.config),
@@ -336,8 +338,6 @@ def build_from_checkpoint(ckpt: dict, use_ema: bool = False) -> VQGANTransformer
     """A VQGANTransformer (on the CPU, weights loaded) from a dict written by model_dict; with use_ema,
     the EMA weights (`ema_model`, written by training_transformer.py with --weight-ema-decay) when the
     checkpoint has them."""
-    from utils import dataclass_from_dict
-
     vqgan = VQGAN(dataclass_from_dict(VQGANConfig, ckpt["vqgan_config"]))
     config = dataclass_from_dict(TransformerConfig, ckpt["transformer_config"])
     model = VQGANTransformer(vqgan, config, ckpt.get("class_names") or None)
@@ -349,8 +349,6 @@ def build_from_checkpoint(ckpt: dict, use_ema: bool = False) -> VQGANTransformer
 def from_taming_parts(parts) -> VQGANTransformer:
     """A taming-layout VQGANTransformer (CPU) from a mapped Net2NetTransformer checkpoint
     (taming_compat.TamingTransformer): its VQGAN and GPT weights, loaded strictly."""
-    from taming_compat import vqgan_from_state_dict
-
     g = parts.gpt_config
     config = TransformerConfig(n_layer=g["n_layer"], n_head=g["n_head"], n_embd=g["n_embd"],
                                embd_pdrop=g["embd_pdrop"], resid_pdrop=g["resid_pdrop"],
@@ -373,19 +371,17 @@ def load_transformer(path, device="cpu", config=None) -> VQGANTransformer:
     `VQGANTransformer.from_pretrained` (see hub.py); bad folders raise a one-line UserError.
 
     Raises:
-        utils.UserError: the file is missing, unreadable or not safe to unpickle, or a taming file (or
+        cli.UserError: the file is missing, unreadable or not safe to unpickle, or a taming file (or
             its YAML) describes a model this code can't build; the message names the problem.
         ValueError: the file is not a stage-two checkpoint (e.g. a stage-one one), or its configs
             describe an invalid token layout.
         RuntimeError: its weights don't fit its own configs (load_state_dict, strict).
     """
-    from taming_compat import checkpoint_format, read_checkpoint, taming_transformer
-
     if hub.is_pretrained(path):
         if config is not None:
             raise ValueError(f"{path} carries its own config.json; `config` is only for taming checkpoints")
         return hub.load_pretrained(VQGANTransformer, path, "transformer").to(device).eval().requires_grad_(False)
-    ckpt = read_checkpoint(path)  # weights_only, or the restricted unpickler for Lightning files
+    ckpt = load_checkpoint(path)  # weights_only, or the restricted unpickler for Lightning files
     if checkpoint_format(ckpt) == "taming_transformer":
         model = from_taming_parts(taming_transformer(ckpt, path, config))
         return model.to(device).eval().requires_grad_(False)

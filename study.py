@@ -46,6 +46,8 @@ TAMING = ["--no-l2-normalize-codes", "--no-restart-dead-codes", "--legacy-beta",
           "--gan-ramp-steps", "0", "--disc-weight", "0.8", "--adaptive-weight"]
 # the defaults of this project before the study (cosine codes, restarts every 10 unused steps, lr 1e-4)
 V1 = TAMING + ["--l2-normalize-codes", "--restart-dead-codes", "--no-legacy-beta", "--learning-rate", "1e-4"]
+# a 16x16 token grid at 64 px (f4) at about the old 8x8 grid's cost: three levels of 64, 128, 128 channels
+GRID16_NARROW = ["--ch-mult", "1", "2", "2", "--attn-resolutions", "16"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,12 @@ RECIPES: dict[str, Recipe] = {
     "v1-betas": _r("v1 + Adam betas (0.9, 0.99)", *V1, "--beta1", 0.9, "--beta2", 0.99),
     "v1-dead50": _r("v1 + dead-code restarts after 50 unused steps (not 10)", *V1, "--dead-code-steps", 50),
     "v1-cbdim8": _r("v1 + 8-dimensional code lookup (ViT-VQGAN factorised codes)", *V1, "--codebook-dim", 8),
+    "16x16-narrow": _r("v1 with a 16x16 grid from three levels of 64-128-128 channels (ch_mult 1,2,2)",
+                       *V1, *GRID16_NARROW),
+    "16x16-narrow-dead50": _r("16x16-narrow + restarts after 50 unused steps", *V1, *GRID16_NARROW,
+                              "--dead-code-steps", 50),
+    "16x16-narrow-cbdim8": _r("16x16-narrow + 8-dimensional code lookup", *V1, *GRID16_NARROW,
+                              "--codebook-dim", 8),
 }
 
 

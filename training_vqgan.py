@@ -113,7 +113,7 @@ class TrainConfig(VQGANConfig):
         cli.check_ranges(self, {
             "ch": ">= 1", "num_res_blocks": ">= 1",
             "dropout": "[0, 1)", "z_channels": ">= 1", "num_groups": ">= 1", "latent_dim": ">= 1",
-            "num_codebook_vectors": ">= 1", "beta": ">= 0", "codebook_dim": ">= 1", "ema_decay": "[0, 1)",
+            "num_codebook_vectors": ">= 1", "commitment_beta": ">= 0", "codebook_dim": ">= 1", "ema_decay": "[0, 1)",
             "dead_code_steps": ">= 1",
             "batch_size": ">= 1", "grad_accum_steps": ">= 1", "weight_ema_decay": "[0, 1)", "epochs": ">= 0",
             "max_steps": ">= 0", "learning_rate": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)",

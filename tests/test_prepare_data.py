@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 import cli
-import data
 import prepare_data
 import sample_transformer
 import training_transformer
 import training_vqgan
+from data import find_images
 from transformer import load_transformer
 
 CLASS_DIRS = ["0_t_shirt_top", "1_trouser", "2_pullover", "3_dress", "4_coat", "5_sandal", "6_shirt",
@@ -66,7 +66,7 @@ def test_builds_the_class_folder_tree(tmp_path):
     info = run(["--out", str(out), "--raw-dir", str(raw)])
     for split, n in (("train", 30), ("test", 20)):
         assert sorted(p.name for p in (out / split).iterdir()) == CLASS_DIRS
-        files = data.find_images(out / split)
+        files = find_images(out / split)
         assert len(files) == n
         # every image sits in the folder of its label, with its pixels unchanged
         images, labels = data["train" if split == "train" else "t10k"]
@@ -84,9 +84,9 @@ def test_max_per_class_and_torchvision_layout(tmp_path):
     out = tmp_path / "fm"
     info = run(["--out", str(out), "--raw-dir", str(raw), "--max-per-class", "2", "--max-test-per-class", "1"])
     assert set(info["per_class"]["train"].values()) == {2} and set(info["per_class"]["test"].values()) == {1}
-    assert len(data.find_images(out / "train")) == 20 and len(data.find_images(out / "test")) == 10
+    assert len(find_images(out / "train")) == 20 and len(find_images(out / "test")) == 10
     # the first images of each class in file order: train indices 0..19 (labels cycle 0..9)
-    assert sorted(int(p.stem) for p in data.find_images(out / "train")) == list(range(20))
+    assert sorted(int(p.stem) for p in find_images(out / "train")) == list(range(20))
 
 
 def test_the_tree_trains_both_stages_and_samples_one_row_per_class(tmp_path):
@@ -190,5 +190,5 @@ def test_overwrite_replaces_the_tree(tmp_path):
     out = tmp_path / "fm"
     run(["--out", str(out), "--raw-dir", str(raw)])
     run(["--out", str(out), "--raw-dir", str(raw), "--overwrite", "--max-per-class", "1"])
-    assert len(data.find_images(out / "train")) == 10  # no files left over from the first run
+    assert len(find_images(out / "train")) == 10  # no files left over from the first run
     assert torch.tensor([len(list((out / "test" / d).iterdir())) for d in CLASS_DIRS]).eq(1).all()

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import cli
-import data
 import sample_transformer
 import training_transformer
 import training_vqgan
+from data import DEMO_DATA, ImageDataset
 from transformer import VQGANTransformer, load_transformer, weights_digest
 from vqgan import VQGAN, load_vqgan
 
@@ -85,11 +85,11 @@ def test_code_cache_is_reused_without_the_encoder(stage_one, tmp_path, monkeypat
         training_transformer.main(args + ["--precision", "bf16"])
 
     # ...and other augmentation code (its source is hashed, no version to bump by hand)
-    class OtherCrops(data.ImageDataset):
+    class OtherCrops(ImageDataset):
         def _augment(self, img, seed):
             return super()._augment(img.transpose(0), seed)  # mirrored before the crop
 
-    monkeypatch.setattr(data, "ImageDataset", OtherCrops)
+    monkeypatch.setattr("data.ImageDataset", OtherCrops)
     with pytest.raises(AssertionError, match="encoder ran"):
         training_transformer.main(args)
 
@@ -114,7 +114,7 @@ def test_sample_script_writes_pngs_grid_and_completions(trained, tmp_path):
                              "--top-k", "20", "--batch-size", "2"])
     assert sorted(p.name for p in out.glob("sample_*.png")) == [f"sample_{i:04d}.png" for i in range(3)]
     assert (out / "grid.png").is_file()
-    image = next(data.DEMO_DATA.glob("*.jpg"))
+    image = next(DEMO_DATA.glob("*.jpg"))
     out_c = tmp_path / "completions"
     sample_transformer.main(["--transformer-path", ckpt, "--num-samples", "2", "--out-dir", str(out_c),
                              "--complete", str(image)])
@@ -125,7 +125,7 @@ def test_conditional_training_and_guided_sampling(stage_one, tmp_path):
     data = tmp_path / "data"
     for cls in ("a", "b"):
         (data / cls).mkdir(parents=True)
-    for i, p in enumerate(sorted(data.DEMO_DATA.glob("*.jpg"))[:12]):
+    for i, p in enumerate(sorted(DEMO_DATA.glob("*.jpg"))[:12]):
         (data / ("a" if i % 2 else "b") / p.name).write_bytes(p.read_bytes())
     out = tmp_path / "cond"
     training_transformer.main(TINY + ["--out-dir", str(out), "--max-steps", "2", "--conditional",

@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 
 import benchmark
 import cli
-import data
 import evaluate
 import lpips
 import sample_transformer
 import training_transformer as tt
 import training_vqgan as tv
+from data import DEMO_DATA
 from discriminator import Discriminator
 from mingpt import GPT, check_sampling, sample_next_token
 from transformer import TransformerConfig, VQGANTransformer
@@ -27,7 +27,7 @@ from vqgan import VQGAN, config_from_preset
 
 VQ = ["--preset", "tiny", "--perceptual-loss-factor", "0", "--num-workers", "0"]
 GPT_ARGS = ["--preset", "tiny", "--num-augmentations", "2", "--batch-size", "8", "--num-grid-images", "0"]
-IMAGE = str(sorted(data.DEMO_DATA.glob("*.jpg"))[0])
+IMAGE = str(sorted(DEMO_DATA.glob("*.jpg"))[0])
 
 
 def fails(main, argv, capsys) -> str:
@@ -50,7 +50,7 @@ def stage_one(tmp_path_factory):
 
 def few_images(folder, n):
     folder.mkdir(parents=True)
-    for p in sorted(data.DEMO_DATA.glob("*.jpg"))[:n]:
+    for p in sorted(DEMO_DATA.glob("*.jpg"))[:n]:
         (folder / p.name).write_bytes(p.read_bytes())
     return folder
 

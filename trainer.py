@@ -25,7 +25,7 @@ import checkpoints
 import data
 import distributed
 import loggers
-from cli import UserError, config_dict
+from cli import UserError, check_ranges, config_dict
 from devices import autocast, resolve_device, resolve_precision
 
 MAX_BAD_STEPS = 10  # consecutive non-finite steps after which a run stops, its last good checkpoint intact
@@ -62,6 +62,17 @@ def setup(cfg) -> Run:
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("--precision bf16 is not supported on this GPU; use fp16 or fp32")
     return Run(device, precision, autocast(device, precision), dinfo)
+
+
+def check_split_and_length(cfg):
+    """The checks both training configs share: --val-fraction leaves images to train on, and --epochs
+    or --max-steps gives something to train (UserError otherwise)."""
+    if cfg.val_fraction >= 1:
+        raise UserError(f"--val-fraction {cfg.val_fraction} would hold out every image for validation, "
+                        "leaving none to train on; use a value in [0, 1), e.g. 0.1")
+    check_ranges(cfg, {"val_fraction": "[0, 1)"})
+    if cfg.epochs == 0 and cfg.max_steps == 0:
+        raise UserError("--epochs 0 and --max-steps 0 leave nothing to train; give one of them")
 
 
 def resume_checkpoint(cfg, given: set, last_path: Path, kind: str, stage: str, resume_config):

@@ -108,12 +108,7 @@ class TrainConfig:
             "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)", "warmup_steps": ">= 0",
             "grad_clip": ">= 0", "pkeep": "(0, 1]", "cfg_dropout": "[0, 1)", "num_augmentations": ">= 1",
             "num_workers": ">= 0", "seed": cli.SEED_RANGE, "log_every": ">= 1", "num_grid_images": ">= 0"})
-        if self.val_fraction >= 1:
-            raise UserError(f"--val-fraction {self.val_fraction} would hold out every image for validation, "
-                            "leaving none to train on; use a value in [0, 1), e.g. 0.1")
-        cli.check_ranges(self, {"val_fraction": "[0, 1)"})
-        if self.epochs == 0 and self.max_steps == 0:
-            raise UserError("--epochs 0 and --max-steps 0 leave nothing to train; give one of them")
+        trainer.check_split_and_length(self)
         if self.n_embd % self.n_head:
             raise UserError(f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}")
         with cli.as_user_error():

@@ -124,12 +124,7 @@ class TrainConfig(VQGANConfig):
             "log_every": ">= 1", "sample_every": ">= 1", "save_every": ">= 1", "keep_checkpoints": ">= 0",
             "warmup_steps": ">= 0", "min_lr_ratio": "[0, 1]", "disc_learning_rate": ">= 0",
             "max_adaptive_weight": "> 0", "gan_ramp_steps": ">= 0", "lecam_weight": ">= 0", "max_seconds": ">= 0"})
-        if self.val_fraction >= 1:
-            raise UserError(f"--val-fraction {self.val_fraction} would hold out every image for validation, "
-                            "leaving none to train on; use a value in [0, 1), e.g. 0.1")
-        cli.check_ranges(self, {"val_fraction": "[0, 1)"})
-        if self.epochs == 0 and self.max_steps == 0:
-            raise UserError("--epochs 0 and --max-steps 0 leave nothing to train; give one of them")
+        trainer.check_split_and_length(self)
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise UserError(f"--ch-mult {' '.join(map(str, self.ch_mult)) or '(no values)'}: give one channel "
                             "multiplier >= 1 per level, e.g. --ch-mult 1 2 2 4")

@@ -180,9 +180,12 @@ class VQGANTransformer(nn.Module):
     # ------------------------------------------------------------------------- sampling
 
     def _sample_tokens(self, start: torch.Tensor, uncond_start: torch.Tensor | None, prefix: torch.Tensor,
-                       cfg_scale: float, temperature: float, top_k, top_p, generator, use_cache: bool):
+                       cfg_scale: float, temperature: float, top_k, top_p, generator, use_cache: bool,
+                       decode_step=None):
         """Sample codes after start (B, 1) + prefix (B, n); with uncond_start (B, 1), cond and uncond run
-        as one doubled batch and their logits are mixed. Returns (B, h*w) codes with prefix kept."""
+        as one doubled batch and their logits are mixed. Returns (B, h*w) codes with prefix kept.
+        decode_step: the GPT's one-token step after the prefill (default gpt.decode_step; see
+        mingpt.compile_decode_step)."""
         B, n = prefix.shape
         T = self.num_tokens
         out = torch.empty(B, T, dtype=torch.long, device=prefix.device)  # (B, T)
@@ -192,13 +195,16 @@ class VQGANTransformer(nn.Module):
         starts = start if uncond_start is None else torch.cat([start, uncond_start])  # (B or 2B, 1)
         seq = torch.cat([starts, prefix.repeat(starts.shape[0] // B, 1)], dim=1)  # (B', 1 + n)
         cache = self.gpt.allocate_cache(seq.shape[0], T) if use_cache else None
+        decode_step = decode_step or self.gpt.decode_step
+        pos = torch.full((1,), n, dtype=torch.long, device=prefix.device)  # position of the token fed next
         for i in range(n, T):
             if not use_cache:
                 logits = self.gpt(seq)[0][:, -1]  # (B', V): recomputes the whole prefix
             elif i == n:
                 logits = self.gpt.forward_cached(seq, cache, 0)[:, -1]  # prefill, (B', V)
             else:
-                logits = self.gpt.forward_cached(seq[:, -1:], cache, seq.shape[1] - 1)[:, -1]  # (B', V)
+                pos += 1  # in place: no host-to-device copy per token
+                logits = decode_step(seq[:, -1:], cache, pos)  # (B', V)
             logits = logits[:, : self.sample_vocab].float()  # (B', K)
             if uncond_start is not None:
                 logits = guided_logits(logits[:B], logits[B:], cfg_scale)  # (B, K)
@@ -212,12 +218,13 @@ class VQGANTransformer(nn.Module):
     def generate(self, num_samples: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, generator: torch.Generator | None = None,
                  labels=None, cfg_scale: float = 1.0, prefix: torch.Tensor | None = None,
-                 use_cache: bool = True) -> torch.Tensor:
+                 use_cache: bool = True, decode_step=None) -> torch.Tensor:
         """Sample num_samples code grids -> (B, h*w) int64 in raster order.
 
         prefix: (B, n) codes to keep as the first n tokens (completion). labels: (B,) class ids, or
         None for unconditional; with labels and cfg_scale != 1, classifier-free guidance.
         temperature 0 is greedy. seed makes a private generator; the global RNG is never touched.
+        decode_step: mingpt.compile_decode_step(model.gpt) for the compiled step (same tokens).
         """
         device = self.gpt.head.weight.device
         if generator is None and seed is not None:
@@ -239,7 +246,7 @@ class VQGANTransformer(nn.Module):
         self.eval()
         try:
             return self._sample_tokens(start, uncond, prefix, cfg_scale, temperature, top_k, top_p,
-                                       generator, use_cache)
+                                       generator, use_cache, decode_step)
         finally:
             self.train(was_training)
 

@@ -323,7 +323,7 @@ def main(argv=None):
     utils.seed_everything(cfg.seed)
 
     data_root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else utils.DEMO_DATA
-    files = utils.find_images(data_root)
+    files = utils.find_images(data_root, cache_file=out / "cache" / "file_scan.json")  # vetted once per file
     class_names = sorted(set(utils.class_names(data_root, files))) if cfg.conditional else []
     labels_all = None
     if cfg.conditional:

@@ -423,7 +423,7 @@ def main(argv=None):
     utils.seed_everything(cfg.seed + rank)
 
     data_root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else utils.DEMO_DATA
-    files = utils.find_images(data_root)
+    files = utils.find_images(data_root, cache_file=out / "cache" / "file_scan.json")  # vetted once per file
     train_files, val_files = utils.split_files(files, cfg.val_fraction, cfg.seed)
     global_batch = cfg.batch_size * cfg.grad_accum_steps * world
     if global_batch > len(train_files):

@@ -1,6 +1,7 @@
 """Image data: folders scanned and vetted, any image as RGB, the dataset of crops in [-1, 1], the
 train/validation split, and the seeded per-epoch batch order that makes resumes exact."""
 
+import json
 import os
 import random
 import struct
@@ -27,27 +28,35 @@ if os.environ.get("VQGAN_MAX_IMAGE_PIXELS"):
     Image.MAX_IMAGE_PIXELS = int(os.environ["VQGAN_MAX_IMAGE_PIXELS"]) or None
 
 
-def find_images(root, check: bool = True) -> list[Path]:
+def find_images(root, check: bool = True, cache_file=None) -> list[Path]:
     """All usable image files below root (recursive, sorted, hidden files and folders skipped).
 
     With `check`, each file is vetted once by `check_image` (header plus a look at the file's end, see
     there), in a few threads and with a progress bar on large folders. Files that fail are left out
-    with one summary warning on stderr; a folder with no usable image is a UserError."""
+    with one summary warning on stderr; a folder with no usable image is a UserError.
+
+    cache_file (a JSON path in the run folder, or None): the verdicts of an earlier scan of the same
+    root, one per file keyed by its relative name, size, mtime and ctime (nanoseconds, from os.scandir);
+    only files that are new or whose key changed are vetted again, removed files drop out, and the file
+    is rewritten. So a second start or a resume on a large folder only lists and stats it."""
     root = Path(root).expanduser()
     if not root.exists():
         raise UserError(f"dataset folder {str(root)!r} does not exist")
     if not root.is_dir():
         raise UserError(f"dataset path {str(root)!r} is not a folder")
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [Path(dirpath) / f for f in sorted(filenames)
-                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    listed = _list_images(root)  # [(path, key)]
+    files = [p for p, _ in listed]
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {str(root)!r}")
     if not check:
         return files
-    reasons = _scan(files)
+    known = _read_scan_cache(cache_file, root) if cache_file else {}
+    rel = [p.relative_to(root).as_posix() for p in files]
+    todo = [i for i, (r, (_, key)) in enumerate(zip(rel, listed)) if known.get(r, (None,))[0] != key]
+    fresh = dict(zip(todo, _scan([files[i] for i in todo]))) if todo else {}
+    reasons = [fresh[i] if i in fresh else known[r][1] for i, r in enumerate(rel)]
+    if cache_file and (todo or len(known) != len(rel)):
+        _write_scan_cache(cache_file, root, {r: [key, why] for r, (_, key), why in zip(rel, listed, reasons)})
     bad = [(p, r) for p, r in zip(files, reasons) if r is not None]
     good = [p for p, r in zip(files, reasons) if r is None]
     if not good:
@@ -58,6 +67,71 @@ def find_images(root, check: bool = True) -> list[Path]:
         print(f"warning: skipped {len(bad)} of {len(files)} image files in {root}: {shown}"
               + (f"; and {len(bad) - 5} more" if len(bad) > 5 else ""), file=sys.stderr)
     return good
+
+
+def _list_images(root: Path) -> list[tuple[Path, list[int]]]:
+    """(path, [size, mtime_ns, ctime_ns]) of every candidate image below root, in os.walk's top-down
+    order with names sorted; symlinked folders are followed. A file whose stat fails (a broken link)
+    gets key [-1, 0, 0], so check_image reports it."""
+    out, dirs = [], []
+    with os.scandir(root) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        try:
+            if e.is_dir():
+                dirs.append(Path(e.path))
+                continue
+        except OSError:
+            pass
+        if Path(e.name).suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        try:
+            st = e.stat()
+            key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        except OSError:
+            key = [-1, 0, 0]
+        out.append((Path(e.path), key))
+    for d in dirs:
+        out += _list_images(d)
+    return out
+
+
+# Bump when check_image's verdicts change, so cached verdicts of the old version are not reused.
+SCAN_CACHE_VERSION = 1
+
+
+def _scan_cache_header(root: Path) -> dict:
+    """What the cached verdicts also depend on besides the files: the checker and Pillow's size limit."""
+    return {"version": SCAN_CACHE_VERSION, "root": str(root.resolve()), "max_image_pixels": Image.MAX_IMAGE_PIXELS}
+
+
+def _read_scan_cache(path, root: Path) -> dict:
+    """{relative name: (key, reason)} from a scan cache of this root, or {} when there is none or it
+    belongs to another root, checker version or size limit, or is unreadable."""
+    try:
+        data = json.loads(Path(path).read_text())
+        if {k: data.get(k) for k in ("version", "root", "max_image_pixels")} != _scan_cache_header(root):
+            return {}
+        return {r: (key, why) for r, key, why in data["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _write_scan_cache(path, root: Path, entries: dict):
+    """Write the verdicts atomically (temp file, then os.replace); a read-only run folder only warns."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({**_scan_cache_header(root),
+                                   "files": [[r, key, why] for r, (key, why) in entries.items()]}))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(f"warning: could not write the file scan cache {path} ({e.strerror}); the next start scans "
+              "the folder again", file=sys.stderr)
 
 
 def _scan(files: list[Path]) -> list[str | None]:

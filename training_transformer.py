@@ -389,7 +389,7 @@ def main(argv=None):
     trainer.seed_everything(cfg.seed)
 
     root = trainer.data_root(cfg)
-    files = data.find_images(root)
+    files = data.find_images(root, cache_file=out / "cache" / "file_scan.json")  # vetted once per file
     # split by index, with the same helper and seed as stage one's image split; checked before encoding
     train_idx, val_idx = trainer.split(list(range(len(files))), cfg, root)
     global_batch = trainer.global_batch(cfg, run, len(train_idx) * cfg.num_augmentations,

@@ -550,7 +550,7 @@ def main(argv=None):
     trainer.seed_everything(cfg.seed + run.rank)
 
     root = trainer.data_root(cfg)
-    files = data.find_images(root)
+    files = data.find_images(root, cache_file=out / "cache" / "file_scan.json")  # vetted once per file
     train_files, val_files = trainer.split(files, cfg, root)
     global_batch = trainer.global_batch(cfg, run, len(train_files), f"training images in {root}",
                                         "lower --batch-size")

@@ -2,6 +2,7 @@
 turn bad after the scan replaced, an unusable folder a one-line error."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -189,3 +190,63 @@ def test_folder_without_a_usable_image_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no usable image" in err and "empty file" in err
     assert "Traceback" not in err
+
+
+def counting_checker(monkeypatch):
+    """Wrap data.check_image so a test can see which files were vetted."""
+    seen, real = [], data.check_image
+    monkeypatch.setattr(data, "check_image", lambda p: seen.append(p.name) or real(p))
+    return seen
+
+
+def test_scan_cache_reuses_verdicts_and_follows_added_removed_and_changed_files(messy, monkeypatch, capsys):
+    root, good, bad = messy
+    cache = root.parent / "run" / "cache" / "file_scan.json"
+    seen = counting_checker(monkeypatch)
+    first = data.find_images(root, cache_file=cache)
+    assert sorted(first) == sorted(good) and len(seen) == len(good) + len(bad) and cache.exists()
+    warning = capsys.readouterr().err
+    # nothing changed: the same list and the same warning, and no file is opened
+    seen.clear()
+    assert data.find_images(root, cache_file=cache) == first and seen == []
+    assert capsys.readouterr().err == warning
+    # added (good and bad), removed, and changed: truncated with its mtime restored (the size tells),
+    # overwritten with as many zero bytes and its mtime restored (the ctime tells), and an empty file
+    # replaced by a good image -> only those are vetted again
+    save(Image.new("RGB", (20, 20)), root / "sub" / "new.png")
+    (root / "new_bad.jpg").write_bytes(b"junk")
+    (root / "gray.jpg").unlink()
+    for name, damage in (("rgba.png", lambda d: d[:30]), ("palette.png", lambda d: bytes(len(d)))):
+        st = (root / name).stat()
+        (root / name).write_bytes(damage((root / name).read_bytes()))
+        os.utime(root / name, ns=(st.st_atime_ns, st.st_mtime_ns))
+    save(Image.new("RGB", (20, 20)), root / "empty.jpg")
+    seen.clear()
+    files = data.find_images(root, cache_file=cache)
+    assert sorted(seen) == ["empty.jpg", "new.png", "new_bad.jpg", "palette.png", "rgba.png"]
+    expected = set(good) - {root / "gray.jpg", root / "rgba.png", root / "palette.png"}
+    assert sorted(files) == sorted(expected | {root / "sub" / "new.png", root / "empty.jpg"})
+    # the cache matches a full scan without it
+    seen.clear()
+    assert data.find_images(root) == files and len(seen) > 0
+
+
+def test_scan_cache_ignores_another_root_a_new_size_limit_and_a_broken_file(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root in (a, b):
+        save(Image.new("RGB", (8, 8)), root / "x.png")
+    cache = tmp_path / "file_scan.json"
+    seen = counting_checker(monkeypatch)
+    data.find_images(a, cache_file=cache)
+    data.find_images(b, cache_file=cache)  # same names, another folder: vetted again
+    assert seen == ["x.png", "x.png"]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # verdicts depend on Pillow's limit
+    with pytest.raises(cli.UserError, match="decompression-bomb"):
+        data.find_images(b, cache_file=cache)
+    cache.write_text("{not json")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    seen.clear()
+    assert data.find_images(b, cache_file=cache) == [b / "x.png"] and seen == ["x.png"]
+    seen.clear()
+    data.find_images(b, cache_file=cache)
+    assert seen == []

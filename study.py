@@ -48,6 +48,9 @@ TAMING = ["--no-l2-normalize-codes", "--no-restart-dead-codes", "--legacy-beta",
 V1 = TAMING + ["--l2-normalize-codes", "--restart-dead-codes", "--no-legacy-beta", "--learning-rate", "1e-4"]
 # a 16x16 token grid at 64 px (f4) at about the old 8x8 grid's cost: three levels of 64, 128, 128 channels
 GRID16_NARROW = ["--ch-mult", "1", "2", "2", "--attn-resolutions", "16"]
+# the optimisation changes that won at 150 steps: lr 2e-4 with 20 warmup steps and cosine decay, and
+# Adam betas (0.9, 0.99)
+OPTIM = ["--learning-rate", "2e-4", "--warmup-steps", "20", "--lr-decay", "cosine", "--beta1", "0.9", "--beta2", "0.99"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ RECIPES: dict[str, Recipe] = {
     "v1-betas": _r("v1 + Adam betas (0.9, 0.99)", *V1, "--beta1", 0.9, "--beta2", 0.99),
     "v1-dead50": _r("v1 + dead-code restarts after 50 unused steps (not 10)", *V1, "--dead-code-steps", 50),
     "v1-cbdim8": _r("v1 + 8-dimensional code lookup (ViT-VQGAN factorised codes)", *V1, "--codebook-dim", 8),
+    "v1-optim": _r("v1 + both optimisation changes (lr 2e-4, warmup, cosine; betas 0.9, 0.99)", *V1, *OPTIM),
+    "optim-f16": _r("the new optimisation on the f16 architecture (for the dome272 comparison)", *V1, *OPTIM),
     "16x16-narrow": _r("v1 with a 16x16 grid from three levels of 64-128-128 channels (ch_mult 1,2,2)",
                        *V1, *GRID16_NARROW),
     "16x16-narrow-dead50": _r("16x16-narrow + restarts after 50 unused steps", *V1, *GRID16_NARROW,

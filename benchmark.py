@@ -7,7 +7,7 @@ Measures, with random weights (speed does not depend on them):
 - stage one: VQGAN training steps (training_vqgan.generator_step, then discriminator_step once the
   GAN is on) in images/s, before and after disc_start, with peak memory and FLOPs per step;
 - stage two: GPT training in tokens/s on cached codes vs encoding every batch
-  (training_transformer.benchmark_code_cache, on the demo photos);
+  (benchmark_code_cache, on the demo photos);
 - sampling: tokens/s of mingpt.GPT.generate with the KV cache vs recomputing the whole prefix.
 
 Each measurement runs --warmup untimed rounds, then --repeats timed rounds of --steps steps; the
@@ -24,6 +24,7 @@ and convolutions, forward and backward). Utilisation is achieved FLOP/s over the
 bf16/fp16 tensor peak, for the GPUs in DEVICE_PEAK_TFLOPS and bf16/fp16 precision only.
 """
 
+import math
 import resource
 import statistics
 import sys
@@ -31,14 +32,18 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli
+import data
 import training_vqgan
-import utils
+from cli import UserError, field
+from devices import PRECISIONS, autocast, resolve_device, resolve_precision
 from discriminator import Discriminator
-from mingpt import GPT, GPT_PRESETS
-from utils import UserError, field
-from vqgan import PRESETS as ARCH_PRESETS, VQGAN
+from mingpt import GPT, GPT_PRESETS, compile_decode_step
+from transformer import TransformerConfig, VQGANTransformer
+from vqgan import PRESETS as ARCH_PRESETS, VQGAN, config_from_preset
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched
 # against torch.cuda.get_device_name in this order (the first substring that matches wins).
@@ -66,9 +71,17 @@ class BenchConfig:
     gpt_preset: str = field("demo", "stage-two GPT size (mingpt.GPT_PRESETS)", choices=list(GPT_PRESETS))
     gpt_batch_size: int = field(16, "stage-two sequences per training step")
     sample_batch_size: int = field(8, "sequences sampled at once")
+    sample_n_layer: int = field(0, "layers of the sampling GPT (0: --gpt-preset's); --gpt-preset paper "
+                                   "--sample-n-layer 4 is the paper's width at 4 layers")
+    top_k: int = field(100, "top-k of every sampler (100: the reference sample()'s default)")
+    recompute_repeats: int = field(1, "rounds of the samplers without a cache, no warm-up (0: skip them; "
+                                      "minutes per round at the paper's width)")
+    reference: bool = field(True, "also time dome272/VQGAN-pytorch's sample() loop (reference_sample)")
+    compile: bool = field(False, "also measure torch.compile'd models: stage-one step and sampling "
+                                 "decode step, against eager in the same run (compile time reported apart)")
     device: str = field("auto", "auto, cpu, cuda, cuda:N or mps")
     precision: str = field("auto", "auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16",
-                           choices=list(utils.PRECISIONS))
+                           choices=list(PRECISIONS))
     perceptual: bool = field(True, "include LPIPS in the stage-one step, as training does (needs VGG16 weights)")
     steps: int = field(3, "steps per timed round")
     warmup: int = field(1, "untimed rounds before timing")
@@ -76,6 +89,9 @@ class BenchConfig:
     stage_one: bool = field(True, "measure stage-one training")
     stage_two: bool = field(True, "measure stage-two training (cached codes vs encoding per batch)")
     sampling: bool = field(True, "measure sampling (KV cache vs full recompute)")
+    clock: str = field("wall", "wall: elapsed seconds; cpu: this process's CPU seconds (all threads "
+                               "summed), steadier when other processes share the cores; CPU device only",
+                       choices=["wall", "cpu"])
     json: str = field("", "also write the results to this JSON file")
     seed: int = field(0, "random seed")
 
@@ -83,9 +99,9 @@ class BenchConfig:
         """Raise UserError (one line: the flag, its range, what to do) for counts out of range and for a
         stage-one configuration (--preset with --image-size, --batch-size) that training would refuse;
         the sampling benchmark runs the same architecture's code grid."""
-        utils.check_ranges(self, {"image_size": ">= 0", "batch_size": ">= 0", "gpt_batch_size": ">= 1",
+        cli.check_ranges(self, {"image_size": ">= 0", "batch_size": ">= 0", "gpt_batch_size": ">= 1",
                                   "sample_batch_size": ">= 1", "steps": ">= 1", "warmup": ">= 0", "repeats": ">= 1",
-                                  "seed": utils.SEED_RANGE})
+                                  "seed": cli.SEED_RANGE})
         stage_one_config(self).validate()
 
 
@@ -129,13 +145,16 @@ def _reset_peak_memory(device: torch.device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
+_CLOCK = time.perf_counter  # main() switches it to time.process_time for --clock cpu
+
+
 def _timed(fn, device) -> float:
     """Seconds that fn() takes, the device synchronised before and after."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = _CLOCK()
     fn()
     _sync(device)
-    return time.perf_counter() - t0
+    return _CLOCK() - t0
 
 
 def _flops(fn) -> int:
@@ -184,7 +203,7 @@ def bench_stage_one(cfg: BenchConfig, device, precision: str) -> dict:
     opt_d = torch.optim.Adam(disc.parameters(), lr=tcfg.learning_rate, betas=betas)
     scaler_g = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     scaler_d = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    amp = utils.autocast(device, precision)
+    amp = autocast(device, precision)
     x = torch.rand(tcfg.batch_size, 3, tcfg.image_size, tcfg.image_size, device=device) * 2 - 1
 
     def step(gan_on: bool):
@@ -209,39 +228,197 @@ def bench_stage_one(cfg: BenchConfig, device, precision: str) -> dict:
 
 
 def bench_stage_two(cfg: BenchConfig, device) -> dict | None:
-    """training_transformer.benchmark_code_cache, when stage two provides it."""
+    """benchmark_code_cache, or None when stage two (training_transformer.py) can't be imported."""
     try:
-        import training_transformer
+        import training_transformer  # noqa: F401  (its train_step is what benchmark_code_cache times)
     except ImportError:
         return None
-    if not hasattr(training_transformer, "benchmark_code_cache"):
-        return None
-    return training_transformer.benchmark_code_cache(
+    return benchmark_code_cache(
         steps=cfg.steps, repeats=cfg.repeats, batch_size=cfg.gpt_batch_size, device=str(device),
         seed=cfg.seed, vqgan_preset=cfg.preset, gpt_preset=cfg.gpt_preset)
 
 
+def benchmark_code_cache(steps: int = 5, repeats: int = 5, batch_size: int = 16, device: str = "cpu",
+                         seed: int = 0, threads: int | None = None, vqgan_preset: str = "demo",
+                         gpt_preset: str = "demo") -> dict:
+    """GPT training throughput on cached codes vs encoding every batch through the VQGAN encoder.
+
+    By default both use the `demo` presets (VQGAN 64px -> 8x8 codes, GPT 4x4x128; `vqgan_preset`
+    names a vqgan.PRESETS entry, `gpt_preset` a mingpt.GPT_PRESETS one), with random weights. Three
+    pipelines, each `steps` training steps on batches of the demo photos:
+      cached:      index the pre-encoded codes, as training_transformer.main does;
+      encode:      run the encoder on images already in memory (no loading: the lower bound);
+      load_encode: load, crop and flip the batch's photos, then encode, as the reference does per step.
+    They are measured interleaved (cached, encode, load_encode, cached, ...) `repeats` times after
+    one warm-up round, and medians are taken, so load from other processes hits all alike.
+    `threads` sets torch's CPU threads for the measurement (None: unchanged).
+
+    Returns {"cached_tokens_per_sec", "encode_tokens_per_sec", "load_encode_tokens_per_sec"
+    (medians), "speedup" (cached / encode), "speedup_with_loading" (cached / load_encode),
+    "runs" ({pipeline: per-repeat tokens/s}), "batch_size", "steps", "repeats",
+    "tokens_per_sequence", "threads", "vqgan_preset", "gpt_preset"}.
+    """
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _benchmark_code_cache(steps, repeats, batch_size, device, seed, vqgan_preset, gpt_preset)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _benchmark_code_cache(steps, repeats, batch_size, device, seed, vqgan_preset, gpt_preset) -> dict:
+    """The measurement of benchmark_code_cache."""
+    from training_transformer import train_step
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    vq_cfg = config_from_preset(vqgan_preset)
+    model = VQGANTransformer(VQGAN(vq_cfg), TransformerConfig(**GPT_PRESETS[gpt_preset])).to(dev)
+    model.train()
+    opt = model.gpt.configure_optimizers(0.01, 3e-4, (0.9, 0.95))
+    scaler = torch.amp.GradScaler(dev.type, enabled=False)
+    amp = autocast(dev, "fp32")
+    files = data.find_images(data.DEMO_DATA)
+    dataset = data.ImageDataset(files, vq_cfg.image_size, train=True)
+    n = len(files)
+    batches = [[(i * batch_size + j) % n for j in range(batch_size)] for i in range(steps)]
+    images = torch.stack([dataset[(i, i)][0] for i in range(n)]).to(dev)  # (N, 3, S, S) in memory
+    cache = torch.cat([model.encode_to_indices(images[i : i + batch_size]) for i in range(0, n, batch_size)])
+    T = cache.shape[1]
+
+    def codes_for(mode: str, rows: list[int], step: int) -> torch.Tensor:
+        if mode == "cached":
+            return cache[torch.tensor(rows, device=dev)]  # (B, T)
+        if mode == "encode":
+            return model.encode_to_indices(images[torch.tensor(rows, device=dev)])
+        x = torch.stack([dataset[(r, step * n + r)][0] for r in rows]).to(dev)  # (B, 3, S, S)
+        return model.encode_to_indices(x)
+
+    def run(mode: str) -> float:
+        t0 = time.perf_counter()
+        for step, rows in enumerate(batches):
+            train_step(model, codes_for(mode, rows, step), None, opt, scaler, amp, 1.0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * batch_size * T / (time.perf_counter() - t0)
+
+    modes = ("cached", "encode", "load_encode")
+    for mode in modes:  # warm-up
+        run(mode)
+    runs = {mode: [] for mode in modes}
+    for _ in range(repeats):
+        for mode in modes:
+            runs[mode].append(run(mode))
+    med = {mode: statistics.median(r) for mode, r in runs.items()}
+    return {"cached_tokens_per_sec": med["cached"], "encode_tokens_per_sec": med["encode"],
+            "load_encode_tokens_per_sec": med["load_encode"], "speedup": med["cached"] / med["encode"],
+            "speedup_with_loading": med["cached"] / med["load_encode"], "runs": runs, "batch_size": batch_size,
+            "steps": steps, "repeats": repeats, "tokens_per_sequence": T, "threads": torch.get_num_threads(),
+            "vqgan_preset": vqgan_preset, "gpt_preset": gpt_preset}
+
+
+def reference_forward(gpt: GPT, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """dome272/VQGAN-pytorch's mingpt.GPT.forward (karpathy's minGPT) restated on our GPT's weights
+    (same parameter names): idx (B, T) -> logits (B, T, V). Its attention is written out: scores
+    masked by a (1, 1, block, block) lower-triangular buffer, softmax, times v, and each layer also
+    stacks its (k, v) as `present`, which its sample() never uses. mask: that buffer."""
+    B, T = idx.shape
+    x = gpt.drop(gpt.tok_emb(idx) + gpt.pos_emb[:, :T])  # (B, T, C)
+    for block in gpt.blocks:
+        a, h = block.attn, block.ln1(x)
+        C, nh = h.size(-1), block.attn.n_head
+        k = a.key(h).view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
+        q = a.query(h).view(B, T, nh, C // nh).transpose(1, 2)
+        v = a.value(h).view(B, T, nh, C // nh).transpose(1, 2)
+        present = torch.stack((k, v))  # noqa: F841 (computed there on every call)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+        att = att.masked_fill(mask[:, :, :T, :T] == 0, float("-inf")).softmax(dim=-1)
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        x = x + a.resid_drop(a.proj(y))
+        x = x + block.mlp(block.ln2(x))
+    return gpt.head(gpt.ln_f(x))  # (B, T, V)
+
+
+@torch.no_grad()
+def reference_sample(gpt: GPT, x: torch.Tensor, c: torch.Tensor, steps: int, temperature: float = 1.0,
+                     top_k: int = 100) -> torch.Tensor:
+    """The loop of dome272/VQGAN-pytorch's VQGANTransformer.sample(x, c, steps), restated: every new token
+    runs reference_forward over the whole sequence so far (no cache); top-k by clone and masked
+    assignment; torch.multinomial on the global RNG. c: (B, 1) start tokens, x: (B, n) given codes ->
+    (B, n + steps) codes. The same weights and seed give the same tokens as GPT.generate up to
+    floating-point differences (benchmark.py reports whether they matched)."""
+    mask = torch.tril(torch.ones(gpt.block_size, gpt.block_size, device=x.device)).view(
+        1, 1, gpt.block_size, gpt.block_size)
+    x = torch.cat((c, x), dim=1)
+    for _ in range(steps):
+        logits = reference_forward(gpt, x, mask)[:, -1, :] / temperature
+        if top_k is not None:
+            v, _ = torch.topk(logits, top_k)
+            logits = logits.clone()
+            logits[logits < v[..., [-1]]] = -float("inf")
+        probs = F.softmax(logits, dim=-1)
+        ix = torch.multinomial(probs, num_samples=1)
+        x = torch.cat((x, ix), dim=1)
+    return x[:, c.shape[1]:]
+
+
 def bench_sampling(cfg: BenchConfig, device, precision: str) -> dict:
-    """Tokens/s of GPT.generate over a full code grid, with the KV cache and with full recompute."""
+    """Tokens/s of sampling a full code grid: GPT.generate with the static KV cache (eager, and compiled
+    with --compile), and without a cache: GPT.generate(use_cache=False) and the reference's own loop
+    (reference_sample); all on the same weights and seed, also checking that the tokens agree."""
     arch = ARCH_PRESETS[cfg.preset]
     side = (cfg.image_size or arch["image_size"]) // 2 ** (len(arch["ch_mult"]) - 1)
     tokens = side * side
+    size = {**GPT_PRESETS[cfg.gpt_preset], **({"n_layer": cfg.sample_n_layer} if cfg.sample_n_layer else {})}
     torch.manual_seed(cfg.seed)
-    gpt = GPT(arch["num_codebook_vectors"] + 1, tokens, **GPT_PRESETS[cfg.gpt_preset]).to(device).eval()
+    gpt = GPT(arch["num_codebook_vectors"] + 1, tokens, **size).to(device).eval().requires_grad_(False)
     start = torch.full((cfg.sample_batch_size, 1), arch["num_codebook_vectors"], dtype=torch.long, device=device)
-    amp = utils.autocast(device, precision)
+    amp = autocast(device, precision)
+    top_k = min(cfg.top_k, arch["num_codebook_vectors"] + 1)
+    out = {}  # the tokens each sampler drew
 
-    def sample(use_cache: bool):
+    def sample(name, **kw):
         # the start token plus tokens - 1 fed-back codes fill the block exactly
         with amp:
-            gpt.generate(start, tokens, use_cache=use_cache, generator=torch.Generator(device).manual_seed(0))
+            out[name] = gpt.generate(start, tokens, top_k=top_k, generator=torch.Generator(device).manual_seed(0),
+                                     **kw)[:, 1:]
 
-    phases = {"kv_cache": lambda: sample(True), "full_recompute": lambda: sample(False)}
+    def sample_reference():
+        torch.manual_seed(0)  # the reference draws from the global RNG; seeded like the others
+        with amp:
+            out["reference"] = reference_sample(gpt, start[:, :0], start, tokens, top_k=top_k)
+
+    phases = {"kv_cache": lambda: sample("kv_cache")}
+    compile_s = None
+    if cfg.compile:
+        step = compile_decode_step(gpt)
+        t0 = time.perf_counter()
+        sample("kv_cache_compiled", decode_step=step)  # the first call compiles
+        _sync(device)
+        compile_s = time.perf_counter() - t0
+        phases["kv_cache_compiled"] = lambda: sample("kv_cache_compiled", decode_step=step)
     res = measure(phases, device, cfg.warmup, cfg.repeats, cfg.sample_batch_size * tokens)
+    if cfg.recompute_repeats:
+        # Minutes per round at the paper's width: no warm-up, --recompute-repeats rounds, interleaved.
+        slow = {"full_recompute": lambda: sample("full_recompute", use_cache=False)}
+        if cfg.reference:
+            slow["reference"] = sample_reference
+        runs = {name: [] for name in slow}
+        for _ in range(cfg.recompute_repeats):
+            for name, fn in slow.items():
+                runs[name].append(cfg.sample_batch_size * tokens / _timed(fn, device))
+        res.update({name: {"runs": r, "median": statistics.median(r)} for name, r in runs.items()})
     for r in res.values():
         r["tokens_per_sec"] = r.pop("median")
-    return {**res, "speedup": res["kv_cache"]["tokens_per_sec"] / res["full_recompute"]["tokens_per_sec"],
-            "tokens_per_sample": tokens, "batch_size": cfg.sample_batch_size}
+    base = "reference" if "reference" in res else "full_recompute" if "full_recompute" in res else None
+    result = {**res, "tokens_per_sample": tokens, "batch_size": cfg.sample_batch_size, "top_k": top_k,
+              "gpt": size, "baseline": base, "compile_seconds": compile_s,
+              "same_tokens": {name: bool(torch.equal(t, out["kv_cache"])) for name, t in out.items()
+                              if name != "kv_cache"}}
+    if base is not None:
+        result["speedup"] = {name: res[name]["tokens_per_sec"] / res[base]["tokens_per_sec"]
+                             for name in res if name != base}
+    return result
 
 
 # ----------------------------------------------------------------------------- report
@@ -267,9 +444,21 @@ def format_table(results: dict) -> str:
         rows.append(("  cached / encode", s2["speedup"], "x", ""))
     sm = results.get("sampling")
     if sm:
-        rows.append(("sampling, KV cache", sm["kv_cache"]["tokens_per_sec"], "tokens/s", ""))
-        rows.append(("sampling, full recompute", sm["full_recompute"]["tokens_per_sec"], "tokens/s", ""))
-        rows.append(("  cache / recompute", sm["speedup"], "x", ""))
+        g = sm["gpt"]
+        shape = (f"{g['n_layer']}x{g['n_head']}x{g['n_embd']}, batch {sm['batch_size']}, "
+                 f"{sm['tokens_per_sample']} tokens, top-k {sm['top_k']}")
+        labels = {"kv_cache": "static KV cache", "kv_cache_compiled": "static KV cache, compiled",
+                  "full_recompute": "no cache (generate)", "reference": "reference sample()"}
+        for name, label in labels.items():
+            if name in sm:
+                note = shape if name == "kv_cache" else ""
+                if name == "kv_cache_compiled":
+                    note = f"compile {sm['compile_seconds']:.1f} s"
+                if name in sm["same_tokens"]:
+                    note += ("; " if note else "") + ("same tokens" if sm["same_tokens"][name] else "TOKENS DIFFER")
+                rows.append((f"sampling, {label}", sm[name]["tokens_per_sec"], "tokens/s", note))
+        for name, ratio in sm.get("speedup", {}).items():
+            rows.append((f"  {labels[name]} / {labels[sm['baseline']]}", ratio, "x", ""))
     w = max(len(r[0]) for r in rows) if rows else 10
     lines = [f"{'benchmark':<{w}}  {'median':>10}  {'unit':<8}  notes", f"{'-' * w}  {'-' * 10}  {'-' * 8}  -----"]
     lines += [f"{a:<{w}}  {b:>10.2f}  {c:<8}  {d}".rstrip() for a, b, c, d in rows]
@@ -277,14 +466,22 @@ def format_table(results: dict) -> str:
 
 
 def main(argv=None):
-    cfg, _ = utils.parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
+    cfg, _ = cli.parse_config(BenchConfig, argv, description=__doc__.split("\n")[0])
     cfg.validate()
-    device = utils.resolve_device(cfg.device)
-    precision = utils.resolve_precision(cfg.precision, device)
+    device = resolve_device(cfg.device)
+    if min(cfg.steps, cfg.repeats, cfg.gpt_batch_size, cfg.sample_batch_size, cfg.top_k) < 1 or cfg.warmup < 0:
+        raise UserError("--steps, --repeats, --top-k and the batch sizes must be at least 1, --warmup at least 0")
+    if cfg.sample_n_layer < 0 or cfg.recompute_repeats < 0:
+        raise UserError("--sample-n-layer and --recompute-repeats must be at least 0")
+    if cfg.clock == "cpu" and device.type != "cpu":
+        raise UserError(f"--clock cpu times CPU work only; on {device} use --clock wall")
+    global _CLOCK
+    _CLOCK = time.process_time if cfg.clock == "cpu" else time.perf_counter
+    precision = resolve_precision(cfg.precision, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     results = {"device": str(device), "device_name": name, "precision": precision, "torch": torch.__version__,
                "threads": torch.get_num_threads(), "preset": cfg.preset, "gpt_preset": cfg.gpt_preset,
-               "steps": cfg.steps, "warmup": cfg.warmup, "repeats": cfg.repeats}
+               "steps": cfg.steps, "warmup": cfg.warmup, "repeats": cfg.repeats, "clock": cfg.clock}
     print(f"benchmark on {name} ({device}, {precision}, {torch.get_num_threads()} CPU threads); "
           f"preset {cfg.preset}, GPT {cfg.gpt_preset}; medians of {cfg.repeats} rounds of {cfg.steps} steps")
     if cfg.stage_one:
@@ -292,14 +489,14 @@ def main(argv=None):
     if cfg.stage_two:
         results["stage_two"] = bench_stage_two(cfg, device)
         if results["stage_two"] is None:
-            print("stage two skipped: training_transformer.benchmark_code_cache is not available", file=sys.stderr)
+            print("stage two skipped: training_transformer.py is not available", file=sys.stderr)
     if cfg.sampling:
         results["sampling"] = bench_sampling(cfg, device, precision)
     print(format_table(results))
     if cfg.json:
-        print(f"wrote {utils.write_json(cfg.json, results)}")
+        print(f"wrote {cli.write_json(cfg.json, results)}")
     return results
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

@@ -31,11 +31,11 @@ def _distributed() -> bool:
 
 def codebook_stats(indices: torch.Tensor, num_codes: int) -> tuple[float, float]:
     """Fraction of codes used and perplexity exp(H(p)) of the code histogram of `indices`."""
-    return stats_from_counts(torch.bincount(indices.flatten(), minlength=num_codes))
+    return code_usage(torch.bincount(indices.flatten(), minlength=num_codes))
 
 
-def stats_from_counts(counts: torch.Tensor) -> tuple[float, float]:
-    """Fraction of codes used and perplexity from per-code counts (K,)."""
+def code_usage(counts: torch.Tensor) -> tuple[float, float]:
+    """counts: (K,) uses of each code -> (share of codes used at least once, perplexity exp(H(p)))."""
     counts = counts.double()
     p = counts / counts.sum().clamp_min(1)
     usage = (counts > 0).double().mean().item()

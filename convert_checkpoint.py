@@ -24,19 +24,21 @@ import os
 from pathlib import Path
 
 import taming_compat
-import utils
-from utils import UserError
+from checkpoints import load_checkpoint, save_checkpoint
+from cli import UserError, config_dict, run_main
+from transformer import load_transformer
+from vqgan import load_vqgan, own_vqgan_config, vqgan_from_state_dict
 
 
 def convert(src, config=None) -> dict:
     """Our plain checkpoint dict for any supported VQGAN checkpoint."""
-    ckpt = taming_compat.read_checkpoint(src)
+    ckpt = load_checkpoint(src)
     fmt = taming_compat.checkpoint_format(ckpt)
     if fmt == "ours":
         if config is not None:
             raise UserError(f"{src} is one of our checkpoints and carries its own config; drop --config")
-        cfg = taming_compat.own_vqgan_config(ckpt, src)
-        out = {"kind": "vqgan", "model_config": utils.config_dict(cfg), "model": ckpt["model"],
+        cfg = own_vqgan_config(ckpt, src)
+        out = {"kind": "vqgan", "model_config": config_dict(cfg), "model": ckpt["model"],
                "step": int(ckpt.get("step", 0)), "converted_from": str(src)}
         if ckpt.get("ema_model"):
             out["ema_model"] = ckpt["ema_model"]
@@ -47,7 +49,8 @@ def convert(src, config=None) -> dict:
         raise UserError(f"{src} is neither one of our VQGAN checkpoints nor a taming-transformers/"
                         "latent-diffusion one")
     t = taming_compat.taming_vqgan(ckpt, src, config)
-    out = {"kind": "vqgan", "model_config": utils.config_dict(t.config), "model": t.state_dict,
+    cfg = vqgan_from_state_dict(t.config, t.state_dict).config  # the weights checked against the architecture
+    out = {"kind": "vqgan", "model_config": config_dict(cfg), "model": t.state_dict,
            "step": t.global_step or 0, "converted_from": str(src)}
     if t.discriminator_state_dict is not None:
         out["discriminator"] = t.discriminator_state_dict
@@ -77,10 +80,7 @@ def save_safetensors(ckpt: dict, path):
 
 def save_hf_folder(src, directory, config=None):
     """Write the Hugging Face folder of src's model (see the module docstring); returns the model."""
-    from transformer import load_transformer
-    from vqgan import load_vqgan
-
-    ckpt = taming_compat.read_checkpoint(src)
+    ckpt = load_checkpoint(src)
     stage_two = taming_compat.checkpoint_format(ckpt) == "taming_transformer" or ckpt.get("kind") == "transformer"
     del ckpt
     try:
@@ -112,7 +112,7 @@ def main(argv=None):
               f"{c['num_codebook_vectors']} codes of dim {c['latent_dim']}, legacy_beta {c['legacy_beta']}; "
               f"discriminator: {'yes' if 'discriminator' in ckpt else 'none'}")
     if args.out is not None:
-        utils.save_checkpoint(ckpt, args.out)
+        save_checkpoint(ckpt, args.out)
         print(f"wrote {args.out}")
     if args.safetensors is not None:
         save_safetensors(ckpt, args.safetensors)
@@ -124,4 +124,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    run_main(main)

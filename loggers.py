@@ -1,4 +1,5 @@
-"""Live dashboards of a training run (`--logger`): TensorBoard and Weights & Biases, fed what metrics.jsonl gets.
+"""A training run's record: RunLogger (log.txt, results/metrics.jsonl, grids via save_grid) and the live
+dashboards (`--logger`): TensorBoard and Weights & Biases, fed what metrics.jsonl gets.
 
     python training_vqgan.py --out-dir runs/x --logger tensorboard      # then: tensorboard --logdir runs/x
     python training_vqgan.py --out-dir runs/x --logger tensorboard,wandb  # or --logger tensorboard --logger wandb
@@ -7,7 +8,7 @@ What they get: every number of every metrics.jsonl record as the scalar `<stage>
 step (losses, lambda, codebook usage, perplexity, learning rate, images/s or tokens/s, validation metrics);
 every grid a script saves as the image `<stage>/<file name without its number>` (rec_step, rec_epoch,
 rec_final, transformer_epoch, transformer_final); and the run's config as hyper-parameters. Only rank 0
-logs (utils.RunLogger is disabled on the others). metrics.jsonl stays the record plots.py and tests read.
+logs (loggers.RunLogger is disabled on the others). metrics.jsonl stays the record plots.py and tests read.
 
 TensorBoard (torch.utils.tensorboard) writes to <out-dir>/tensorboard/<stage>/. A resumed run at step S
 reopens that folder with purge_step S + 1: events an interrupted attempt wrote past its checkpoint are
@@ -22,15 +23,18 @@ steps an interrupted attempt logged past the checkpoint keep their first values 
 
 import atexit
 import importlib.util
+import json
 import os
 import re
 import uuid
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from torchvision.utils import save_image
 
-from utils import UserError
+from cli import UserError
 
 CHOICES = ("none", "tensorboard", "wandb")
 _NUMBER = re.compile(r"\d+$")  # the step or epoch at the end of a grid's file name
@@ -120,7 +124,7 @@ class WandB:
 
 
 class Dashboards:
-    """The --logger dashboards of one stage of a run. utils.RunLogger (attach) hands it every metrics
+    """The --logger dashboards of one stage of a run. loggers.RunLogger (attach) hands it every metrics
     record and grid; built on rank 0 only. With no names it does nothing."""
 
     def __init__(self, names, out_dir, stage: str, config: dict, start_step: int):
@@ -162,3 +166,70 @@ class Dashboards:
         for backend in self.backends:
             backend.close()
         self.backends = []
+
+
+# ----------------------------------------------------------------------------- the run's own record
+
+class RunLogger:
+    """Rank-0 logging: messages to stdout and <out>/log.txt, metrics to <out>/results/metrics.jsonl, and
+    metrics and grids to the live dashboards attached (loggers.Dashboards, from --logger)."""
+
+    def __init__(self, out_dir, stage: str, enabled: bool = True):
+        self.out_dir, self.stage, self.enabled = Path(out_dir), stage, enabled
+        self.results = self.out_dir / "results"
+        self.metrics_path = self.results / "metrics.jsonl"
+        self.dashboards = None
+        if enabled:
+            self.results.mkdir(parents=True, exist_ok=True)
+
+    def attach(self, dashboards):
+        """Send every later metrics record and grid to `dashboards` too (an object with metrics(record),
+        image(path, step) and close(), e.g. loggers.Dashboards)."""
+        self.dashboards = dashboards
+
+    def log(self, msg: str):
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+        tqdm.write(msg)
+        with open(self.out_dir / "log.txt", "a") as f:
+            f.write(msg + "\n")
+
+    def metrics(self, record: dict):
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"stage": self.stage, **record}) + "\n")
+        if self.dashboards is not None:
+            self.dashboards.metrics(record)
+
+    def image(self, path, step: int):
+        """A grid just saved at `path` (PNG), for the dashboards."""
+        if self.enabled and self.dashboards is not None:
+            self.dashboards.image(path, step)
+
+    def close(self):
+        """Flush and close the dashboards."""
+        if self.dashboards is not None:
+            self.dashboards.close()
+
+    def truncate_after(self, step: int):
+        """On resume, drop this stage's records past the resumed step so the file reads as one run."""
+        if not self.enabled or not self.metrics_path.exists():
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not (r.get("stage") == self.stage and r.get("step", 0) > step):
+                keep.append(line)
+        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+
+
+def save_grid(rows: list[torch.Tensor], path, nrow: int | None = None):
+    """Stack equal-sized image batches (each (B, 3, H, W) in [-1, 1]) as grid rows, mapped to [0, 1]."""
+    images = torch.cat([r.detach().float().cpu() for r in rows])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, path, nrow=nrow or rows[0].shape[0], normalize=True, value_range=(-1, 1), padding=2)

@@ -27,8 +27,8 @@ from torchvision.datasets import FashionMNIST
 from torchvision.datasets.utils import extract_archive
 from tqdm import tqdm
 
-import utils
-from utils import UserError, field
+import cli
+from cli import UserError, field
 
 DATASETS = ("fashion-mnist",)
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -165,12 +165,12 @@ def prepare_fashion_mnist(cfg: PrepareConfig) -> dict:
             "classes": class_dirs, "class_names": list(FashionMNIST.classes),
             "images": {s: sum(c.values()) for s, c in counts.items()}, "per_class": counts,
             "max_per_class": cfg.max_per_class, "max_test_per_class": max_test}
-    utils.write_json(out / "info.json", info)
+    cli.write_json(out / "info.json", info)
     return info
 
 
 def main(argv=None):
-    parser = utils.build_parser(PrepareConfig, __doc__.split("\n")[0])
+    parser = cli.build_parser(PrepareConfig, __doc__.split("\n")[0])
     parser.add_argument("dataset", choices=DATASETS, help="which data set to prepare")
     given = vars(parser.parse_args(argv))
     given.pop("dataset")  # one data set so far
@@ -187,4 +187,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

@@ -19,10 +19,13 @@ import torch
 from torchvision.utils import save_image
 
 import hub
-import utils
+import cli
+import data
+import devices
+import loggers
 from mingpt import check_sampling
 from transformer import load_transformer
-from utils import UserError, field
+from cli import UserError, field
 
 
 @dataclass
@@ -52,11 +55,11 @@ class SampleConfig:
         """Raise UserError (one line: the flag, its range, what to do) for any setting this run would
         fail on: counts, the sampling settings (mingpt.check_sampling; --cfg-scale needs --class-label)
         and a --complete file that is no readable image. Runs before the model loads or a folder is made."""
-        utils.check_ranges(self, {"num_samples": ">= 1", "batch_size": ">= 1", "seed": utils.SEED_RANGE,
+        cli.check_ranges(self, {"num_samples": ">= 1", "batch_size": ">= 1", "seed": cli.SEED_RANGE,
                                   "samples_per_class": ">= 0"})
         if self.samples_per_class and (self.class_label or self.complete):
             raise UserError("--samples-per-class samples every class; drop --class-label and --complete")
-        with utils.as_user_error():
+        with cli.as_user_error():
             check_sampling(self.temperature, self.top_k, self.top_p, self.cfg_scale, self.keep_fraction,
                            labels_given=self.class_label != "" or self.samples_per_class > 0, flags=True,
                            labels_name="--class-label")
@@ -64,9 +67,9 @@ class SampleConfig:
             path = Path(self.complete).expanduser()
             if not path.is_file():
                 raise UserError(f"--complete: no image file {str(path)!r}")
-            if (why := utils.check_image(path)) is not None:
+            if (why := data.check_image(path)) is not None:
                 raise UserError(f"--complete: cannot read {path} as an image ({why}); pass a "
-                                f"{', '.join(sorted(utils.IMAGE_EXTENSIONS))} file")
+                                f"{', '.join(sorted(data.IMAGE_EXTENSIONS))} file")
 
 
 def parse_label(model, label: str):
@@ -111,15 +114,15 @@ def sample_classes(model, cfg, out: Path, kw: dict) -> dict:
         paths.append(folder / f"sample_{i % n:04d}.png")
         save_image(img, paths[-1], normalize=True, value_range=(-1, 1))
     grid_path = out / "class_grid.png"
-    utils.save_grid([images], grid_path, nrow=n)  # n per row: row c is class c
+    loggers.save_grid([images], grid_path, nrow=n)  # n per row: row c is class c
     print(json.dumps({"images": len(images), "classes": len(names), "out_dir": str(out), "grid": str(grid_path)}))
     return {"images": [str(p) for p in paths], "labels": labels.tolist(), "grid": str(grid_path)}
 
 
 def main(argv=None):
-    cfg, _ = utils.parse_config(SampleConfig, argv, description=__doc__.split("\n")[0])
+    cfg, _ = cli.parse_config(SampleConfig, argv, description=__doc__.split("\n")[0])
     cfg.validate()  # every setting, before the model loads or --out-dir is made
-    device = utils.resolve_device(cfg.device)
+    device = devices.resolve_device(cfg.device)
     path = Path(cfg.transformer_path).expanduser()
     if not path.is_file() and not hub.is_pretrained(path):
         raise UserError(f"no stage-two checkpoint at {path}; train one with `python training_transformer.py` "
@@ -147,11 +150,11 @@ def main(argv=None):
     if cfg.complete:
         image_path = Path(cfg.complete).expanduser()
         try:  # damage in the middle of a file passes check_image; say so for this one file
-            utils.load_image(image_path)
+            data.load_image(image_path)
         except Exception as e:  # Pillow raises OSError, SyntaxError, struct.error... on damaged files
             raise UserError(f"--complete: cannot read {image_path} as an image ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}); pass an undamaged image file") from None
-        original = utils.ImageDataset([image_path], size, train=False)[0][0][None].to(device)  # (1, 3, S, S)
+        original = data.ImageDataset([image_path], size, train=False)[0][0][None].to(device)  # (1, 3, S, S)
         codes = model.encode_to_indices(original)  # (1, h*w)
 
     images = []
@@ -174,13 +177,13 @@ def main(argv=None):
         # original | its reconstruction | completions
         rec = model.indices_to_image(codes).cpu()
         grid_path = out / "completions.png"
-        utils.save_grid([torch.cat([original.cpu(), rec, images])], grid_path, nrow=min(len(images) + 2, 10))
+        loggers.save_grid([torch.cat([original.cpu(), rec, images])], grid_path, nrow=min(len(images) + 2, 10))
     else:
         grid_path = out / "grid.png"
-        utils.save_grid([images], grid_path, nrow=min(len(images), 8))
+        loggers.save_grid([images], grid_path, nrow=min(len(images), 8))
     print(json.dumps({"images": len(images), "out_dir": str(out), "grid": str(grid_path)}))
     return {"images": [str(out / f"{stem}_{i:04d}.png") for i in range(len(images))], "grid": str(grid_path)}
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

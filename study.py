@@ -31,8 +31,12 @@ from pathlib import Path
 
 import torch
 
-import utils
-from utils import UserError, field
+import checkpoints
+import cli
+import data
+import devices
+import loggers
+from cli import UserError, field
 
 # taming's recipe on our code: plain codes, beta on the codebook term, lr 4.5e-6 per image (batch 8)
 TAMING = ["--no-l2-normalize-codes", "--no-restart-dead-codes", "--legacy-beta", "--learning-rate", "3.6e-5",
@@ -154,11 +158,11 @@ def heldout_metrics(pairs, perceptual, inception, kid_seed: int = 0) -> dict:
 
 def heldout_images(cfg: StudyConfig, image_size: int) -> tuple[list, torch.Tensor]:
     """The held-out files (the split training_vqgan.py holds out) and their centre crops (N, 3, S, S)."""
-    root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else utils.DEMO_DATA
-    _, val = utils.split_files(utils.find_images(root), cfg.val_fraction, cfg.seed)
+    root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else data.DEMO_DATA
+    _, val = data.split_files(data.find_images(root), cfg.val_fraction, cfg.seed)
     if not val:
         raise UserError(f"--val-fraction {cfg.val_fraction} holds out no image of {root}; raise it")
-    ds = utils.ImageDataset(val, image_size, train=False)
+    ds = data.ImageDataset(val, image_size, train=False)
     return val, torch.stack([ds[i][0] for i in range(len(ds))])
 
 
@@ -199,7 +203,7 @@ def train_recipe(cfg: StudyConfig, name: str, run_dir: Path) -> tuple[float, flo
 def evaluate_recipe(cfg: StudyConfig, run_dir: Path, perceptual, inception) -> dict:
     """Held-out metrics of run_dir's checkpoint (its EMA weights when it kept them) and a grid."""
     from vqgan import load_vqgan
-    device = utils.resolve_device(cfg.device)
+    device = devices.resolve_device(cfg.device)
     model = load_vqgan(run_dir / "checkpoints" / "vqgan_last.pt", device)
     _, x = heldout_images(cfg, model.config.image_size)
     recs, counts = [], torch.zeros(model.config.num_codebook_vectors, dtype=torch.long)
@@ -209,7 +213,7 @@ def evaluate_recipe(cfg: StudyConfig, run_dir: Path, perceptual, inception) -> d
             recs.append(x_rec.float().clamp(-1, 1).cpu())
             counts += torch.bincount(idx.flatten().cpu(), minlength=len(counts))
     x_rec = torch.cat(recs)
-    utils.save_grid([x[:8], x_rec[:8]], run_dir / "heldout.png")
+    loggers.save_grid([x[:8], x_rec[:8]], run_dir / "heldout.png")
     out = heldout_metrics(zip(x.split(16), x_rec.split(16)), perceptual, inception, cfg.seed)
     out["codebook_usage"] = (counts > 0).double().mean().item()
     return out
@@ -222,11 +226,11 @@ def run_dome272(cfg: StudyConfig, run_dir: Path) -> tuple:
         raise UserError("the 'dome272' recipe needs --dome272-path, a local clone of dome272/VQGAN-pytorch")
     import training_vqgan
     from lpips import resolve_vgg16_state_dict
-    tcfg, _ = utils.parse_config(training_vqgan.TrainConfig, _base_flags(cfg, run_dir),
+    tcfg, _ = cli.parse_config(training_vqgan.TrainConfig, _base_flags(cfg, run_dir),
                                  training_vqgan.TRAIN_PRESETS)
-    root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else utils.DEMO_DATA
-    train_files, _ = utils.split_files(utils.find_images(root), cfg.val_fraction, cfg.seed)
-    train_set = utils.ImageDataset(train_files, tcfg.image_size, train=True)
+    root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else data.DEMO_DATA
+    train_files, _ = data.split_files(data.find_images(root), cfg.val_fraction, cfg.seed)
+    train_set = data.ImageDataset(train_files, tcfg.image_size, train=True)
     # the very batches our runs see: same sampler, seeds and augmentation
     batches, epoch = [], 0
     while len(batches) < cfg.max_steps:
@@ -243,11 +247,11 @@ def run_dome272(cfg: StudyConfig, run_dir: Path) -> tuple:
                "--repo", str(Path(cfg.dome272_path).expanduser()), "--data", str(Path(tmp) / "data.pt"),
                "--vgg", str(Path(tmp) / "vgg16_features.pt"), "--out", str(run_dir / "heldout_rec.pt"),
                "--latent-dim", str(tcfg.latent_dim), "--num-codebook-vectors", str(tcfg.num_codebook_vectors),
-               "--max-seconds", str(cfg.max_seconds), "--device", str(utils.resolve_device(cfg.device))]
+               "--max-seconds", str(cfg.max_seconds), "--device", str(devices.resolve_device(cfg.device))]
         if subprocess.run(cmd).returncode != 0:
             raise UserError("baseline_dome272.py failed (its output is above)")
     res = torch.load(run_dir / "heldout_rec.pt", weights_only=True)
-    utils.save_grid([heldout[:8], res["rec"][:8]], run_dir / "heldout.png")
+    loggers.save_grid([heldout[:8], res["rec"][:8]], run_dir / "heldout.png")
     pairs = zip(heldout.split(16), res["rec"].split(16))
     return (pairs, (res["train_seconds"], res.get("train_cpu_seconds")), res["steps"], res["indices"],
             tcfg.num_codebook_vectors)
@@ -278,17 +282,17 @@ def run_study(cfg: StudyConfig, names: list[str]) -> dict:
         else:
             seconds = train_recipe(cfg, name, run_dir)
             metrics = evaluate_recipe(cfg, run_dir, perceptual, inception)
-            steps = utils.load_checkpoint(run_dir / "checkpoints" / "vqgan_last.pt")["step"]
+            steps = checkpoints.load_checkpoint(run_dir / "checkpoints" / "vqgan_last.pt")["step"]
         results[name] = {"key": key, "steps": steps, "train_seconds": seconds[0], "train_cpu_seconds": seconds[1],
                          **metrics}
-        utils.write_json(saved, results[name])
+        cli.write_json(saved, results[name])
     return results
 
 
 def _metric_nets(cfg: StudyConfig):
     from evaluate import load_inception
     from lpips import LPIPS, LPIPSWeightsError
-    device = utils.resolve_device(cfg.device)
+    device = devices.resolve_device(cfg.device)
     try:
         perceptual = LPIPS().to(device)
     except LPIPSWeightsError as e:
@@ -323,7 +327,7 @@ def format_table(results: dict, names: list[str], baseline: str) -> str:
 
 
 def main(argv=None):
-    cfg, _ = utils.parse_config(StudyConfig, argv, description=__doc__.split("\n")[0])
+    cfg, _ = cli.parse_config(StudyConfig, argv, description=__doc__.split("\n")[0])
     if cfg.list:
         for name, r in RECIPES.items():
             fork = f" (from {r.fork[0]} at step {r.fork[1]})" if r.fork else ""
@@ -350,4 +354,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

@@ -16,195 +16,19 @@ What is refused, with a message saying why: Gumbel and EMA quantisers, index rem
 false`, `out_ch != in_channels`, unknown ddconfig keys, ActNorm discriminators, permuters other than
 Identity, and conditionings other than unconditional (SOS token) and class labels (`Labelator`).
 
-Reading never runs code from the file: `torch.load(weights_only=True)` first; a Lightning checkpoint
-that also pickles other objects (OmegaConf configs, callback classes, `AttributeDict`) is read with a
-restricted unpickler that resolves only torch's weights_only allowlist and turns every other global
-into an inert stand-in that records its arguments and calls nothing (see `read_checkpoint`).
+Reading never runs code from the file (checkpoints.load_checkpoint). What comes out is plain data: a
+config as a dict of VQGANConfig fields (or mingpt.GPTConfig ones) and state dicts; vqgan.load_vqgan and
+transformer.load_transformer build the models from it. Nothing here imports a model but the
+Discriminator, whose shapes check a fine-tuning source's discriminator weights.
 """
 
-import json
-import pickle
-import types
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-import hub
-from utils import UserError, dataclass_from_dict
-from vqgan import VQGAN, VQGANConfig
-
-# ============================================================================= safe reading
-
-# Modules whose globals can run code, open files or import things. No model checkpoint needs any of
-# them, so naming one is refused outright (the stand-ins below would make it inert anyway; refusing
-# gives a clear message for a file that is very likely malicious).
-_DANGEROUS_MODULES = {
-    "os", "posix", "nt", "sys", "subprocess", "_posixsubprocess", "shutil", "importlib", "runpy", "pty",
-    "socket", "ctypes", "pickle", "_pickle", "marshal", "code", "codeop", "pdb", "bdb", "types",
-    "functools", "operator", "multiprocessing", "threading", "_thread", "asyncio", "webbrowser", "signal",
-    "tempfile", "io", "_io", "pathlib", "posixpath", "ntpath", "glob", "builtins", "__builtin__",
-    "commands", "pip", "setuptools", "dill", "cloudpickle", "numpy.testing", "torch.hub", "torch.jit",
-    "torch.ops", "torch._ops", "torch.package", "torch.serialization",
-}
-# Plain data constructors from builtins that pickles of ordinary containers use.
-_SAFE_BUILTINS = {f"builtins.{t.__name__}": t for t in
-                  (set, frozenset, bytearray, bytes, complex, slice, range, list, dict, tuple, int, float,
-                   str, bool)}
-
-
-class _InertMeta(type):
-    """Metaclass of the stand-ins: a pickle can't patch attributes onto a stand-in class."""
-
-    def __setattr__(cls, key, value):
-        raise pickle.UnpicklingError(f"refusing to set {key!r} on the stand-in for {cls.global_name}")
-
-
-class InertGlobal(metaclass=_InertMeta):
-    """Stand-in for a global a checkpoint names but we don't trust (e.g. an OmegaConf DictConfig or a
-    Lightning callback class). It records what the pickle passes it and never calls anything."""
-
-    global_name = "?"
-
-    def __new__(cls, *args, **kwargs):
-        obj = object.__new__(cls)
-        obj.__dict__.update(args=args, kwargs=kwargs, state=None, items={}, list_items=[])
-        return obj
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        self.__dict__["state"] = state
-
-    def __setitem__(self, key, value):
-        self.__dict__["items"][key] = value
-
-    def append(self, value):
-        self.__dict__["list_items"].append(value)
-
-    def extend(self, values):
-        self.__dict__["list_items"].extend(values)
-
-    def __repr__(self):
-        return f"<inert {self.global_name}>"
-
-
-_INERT_CLASSES: dict[str, type] = {}
-
-
-def _inert_class(full_name: str) -> type:
-    """One stand-in class per global name, so distinct globals stay distinct (e.g. as dict keys)."""
-    if full_name not in _INERT_CLASSES:
-        _INERT_CLASSES[full_name] = _InertMeta(f"Inert[{full_name}]", (InertGlobal,), {"global_name": full_name})
-    return _INERT_CLASSES[full_name]
-
-
-def _torch_allowed_globals() -> dict:
-    """torch's own weights_only allowlist (tensor rebuilders, storages, dtypes, OrderedDict, ...)."""
-    from torch import _weights_only_unpickler
-    return _weights_only_unpickler._get_allowed_globals()
-
-
-def _is_dangerous(module: str, name: str) -> bool:
-    full = f"{module}.{name}"
-    if full in _SAFE_BUILTINS:
-        return False
-    parts = module.split(".")
-    return any(".".join(parts[:i]) in _DANGEROUS_MODULES for i in range(1, len(parts) + 1))
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves globals only from torch's weights_only allowlist and a few builtin containers; every
-    other global becomes an inert stand-in. `find_class` is the only way a pickle reaches code."""
-
-    def find_class(self, module, name):
-        full = f"{module}.{name}"
-        if _is_dangerous(module, name):
-            raise pickle.UnpicklingError(
-                f"the file names the global {full}, which can run code; no model checkpoint needs it, so "
-                "the file may be malicious")
-        allowed = _torch_allowed_globals()
-        if full in allowed:
-            return allowed[full]
-        if full in _SAFE_BUILTINS:
-            return _SAFE_BUILTINS[full]
-        return _inert_class(full)
-
-
-# torch.load's `pickle_module` interface: torch subclasses `.Unpickler` (adding its storage handling)
-# and calls `.load` for the small headers of the legacy format.
-_restricted_pickle = types.SimpleNamespace(
-    __name__="taming_compat._restricted_pickle", __version__="1",
-    Unpickler=_RestrictedUnpickler, load=lambda f, **kw: _RestrictedUnpickler(f, **kw).load())
-
-
-def _torch_load_restricted(path: Path) -> dict:
-    # weights_only=False is what lets torch use a custom pickle_module; the restricted unpickler
-    # above, not torch's, is then what keeps code from running.
-    return torch.load(path, map_location="cpu", pickle_module=_restricted_pickle, weights_only=False)
-
-
-def _needs_restricted(path: Path) -> bool:
-    """True when a zip checkpoint names globals outside torch's allowlist (a static scan of data.pkl)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    try:
-        return bool(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # an old torch without the scanner, or an odd archive: just try weights_only
-        return False
-
-
-def _read_safetensors(path: Path) -> dict:
-    try:
-        from safetensors import safe_open
-    except ImportError:
-        raise UserError(f"{path} is a .safetensors file; `pip install safetensors` to read it") from None
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise UserError(f"could not read {str(path)!r} as safetensors: {str(e).splitlines()[0]}") from None
-    if meta.get("kind") != "vqgan" or "model_config" not in meta:
-        raise UserError(f"{path} has no VQGAN model_config in its metadata; only files written by "
-                        "convert_checkpoint.py --safetensors can be loaded")
-    return {"kind": "vqgan", "model_config": json.loads(meta["model_config"]), "model": tensors}
-
-
-def read_checkpoint(path) -> dict:
-    """Read any supported checkpoint file as a dict without running code from it.
-
-    Ours and plain files load with `torch.load(weights_only=True)`. Lightning `.ckpt` files that also
-    pickle other objects load through the restricted unpickler: tensors come back as tensors, every
-    other object as an `InertGlobal` stand-in. `.safetensors` files written by convert_checkpoint.py
-    come back as our checkpoint dict."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r} not found")
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    ckpt, first_error = None, None
-    if not _needs_restricted(path):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            first_error = e  # e.g. a legacy-format Lightning file: try the restricted reader
-        except Exception as e:  # truncated zip, not a torch file, ...
-            raise UserError(f"could not load checkpoint {str(path)!r}: {str(e).splitlines()[0]}") from None
-    if ckpt is None:
-        try:
-            ckpt = _torch_load_restricted(path)
-        except pickle.UnpicklingError as e:
-            raise UserError(f"refusing to load {str(path)!r}: {str(e).splitlines()[0]}") from None
-        except Exception as e:
-            detail = str(first_error or e).splitlines()[0]
-            raise UserError(f"could not load checkpoint {str(path)!r} safely: {detail}") from None
-    if not isinstance(ckpt, dict):
-        raise UserError(f"checkpoint {str(path)!r} is not a dict checkpoint")
-    return ckpt
-
+from checkpoints import load_checkpoint
+from cli import UserError
 
 def _tensor_state_dict(ckpt: dict, path) -> dict:
     """A Lightning checkpoint's `state_dict`, refusing anything in it that is not a plain tensor."""
@@ -307,8 +131,9 @@ def _check_vq_target(target, where: str):
     raise UserError(f"{where}: unknown model target {target!r}; supported: {sorted(_SUPPORTED_VQ_TARGETS)}")
 
 
-def vqgan_config_from_taming(params: dict, where: str = "config") -> VQGANConfig:
-    """Our VQGANConfig for a taming/latent-diffusion `model.params` (ddconfig, n_embed, embed_dim)."""
+def vqgan_config_from_taming(params: dict, where: str = "config") -> dict:
+    """Our VQGANConfig's fields (a dict) for a taming/latent-diffusion `model.params` (ddconfig, n_embed,
+    embed_dim)."""
     if "ddconfig" not in params or "n_embed" not in params or "embed_dim" not in params:
         raise UserError(f"{where}: expected model.params with ddconfig, n_embed and embed_dim")
     dd = dict(params["ddconfig"])
@@ -333,7 +158,7 @@ def vqgan_config_from_taming(params: dict, where: str = "config") -> VQGANConfig
         if bad:
             raise UserError(f"{where}: not supported: {why}")
     try:
-        return VQGANConfig(
+        return dict(
             image_size=int(dd["resolution"]), in_channels=int(dd["in_channels"]), ch=int(dd["ch"]),
             ch_mult=tuple(int(m) for m in dd["ch_mult"]), num_res_blocks=int(dd["num_res_blocks"]),
             attn_resolutions=tuple(int(r) for r in dd["attn_resolutions"]), dropout=float(dd.get("dropout", 0.0)),
@@ -343,8 +168,8 @@ def vqgan_config_from_taming(params: dict, where: str = "config") -> VQGANConfig
         raise UserError(f"{where}: ddconfig is missing {e}") from None
 
 
-def infer_vqgan_config(sd: dict) -> VQGANConfig:
-    """A VQGANConfig from the weight shapes of a taming VQGAN state dict (no YAML at hand).
+def infer_vqgan_config(sd: dict) -> dict:
+    """VQGANConfig fields (a dict) from the weight shapes of a taming VQGAN state dict (no YAML at hand).
 
     Everything but the training resolution is in the shapes; the resolution only decides which levels
     get attention, so it is set to 256 (all released models) and attn_resolutions follow from the
@@ -361,7 +186,7 @@ def infer_vqgan_config(sd: dict) -> VQGANConfig:
                         "as config") from None
     image_size = max(256, 2 ** (levels - 1))
     attn = tuple(image_size // 2 ** i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in sd)
-    return VQGANConfig(image_size=image_size, in_channels=in_channels, ch=ch, ch_mult=ch_mult,
+    return dict(image_size=image_size, in_channels=in_channels, ch=ch, ch_mult=ch_mult,
                        num_res_blocks=num_res_blocks, attn_resolutions=attn, dropout=0.0, z_channels=z_channels,
                        num_groups=32, latent_dim=embed_dim, num_codebook_vectors=n_embed,
                        commitment_beta=0.25, legacy_beta=True)
@@ -412,20 +237,11 @@ def _float32(sd: dict) -> dict:
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def vqgan_from_state_dict(config: VQGANConfig, sd: dict, device="cpu") -> VQGAN:
-    """A VQGAN built on the meta device and given the (checked) weights of `sd`: no random init."""
-    with torch.device("meta"):
-        model = VQGAN(config)
-    check_state_dict(model.state_dict(), sd)
-    model.load_state_dict(_float32(sd), strict=True, assign=True)
-    return model.to(device)
-
-
 @dataclass
 class TamingVQGAN:
     """A taming/latent-diffusion VQGAN checkpoint, mapped: our config and weights, plus what was left out."""
-    config: VQGANConfig
-    state_dict: dict
+    config: dict                  # VQGANConfig(**config)
+    state_dict: dict              # checked against the architecture when vqgan.vqgan_from_state_dict builds it
     discriminator_state_dict: dict | None
     ignored_keys: list
     config_source: str  # the YAML path, 'config dict', or 'inferred from weight shapes'
@@ -461,19 +277,10 @@ def taming_vqgan(ckpt: dict, path, config=None) -> TamingVQGAN:
         cfg = vqgan_config_from_taming(model_cfg["params"], source)
     else:
         cfg = infer_vqgan_config(model_sd)
-    with torch.device("meta"):
-        expected = VQGAN(cfg).state_dict()
-    check_state_dict(expected, model_sd)
     disc = taming_discriminator_state_dict(sd) if fmt == "taming_vqgan" else None
     ignored = [k for k in ignored if not k.startswith(prefix + "loss.discriminator.")] if disc else ignored
     step = ckpt.get("global_step")
     return TamingVQGAN(cfg, _float32(model_sd), disc, ignored, source, int(step) if isinstance(step, int) else None)
-
-
-def load_taming_vqgan(path, device="cpu", config=None) -> VQGAN:
-    """A ready, frozen, eval-mode VQGAN from a taming/latent-diffusion `.ckpt` (see module docstring)."""
-    t = taming_vqgan(read_checkpoint(path), path, config)
-    return vqgan_from_state_dict(t.config, t.state_dict, device).eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- discriminator
@@ -503,37 +310,6 @@ def discriminator_config(disc_sd: dict) -> dict:
     return {"in_channels": int(in_channels), "ndf": int(ndf), "n_layers": len(convs) - 2}
 
 
-# ----------------------------------------------------------------------------- any VQGAN
-
-def load_any_vqgan_for_finetune(path, config=None) -> tuple[VQGANConfig, dict, dict | None]:
-    """(VQGANConfig, model state dict, discriminator state dict or None) from our checkpoint, our
-    .safetensors, a taming/latent-diffusion one, or a save_pretrained folder / Hub repo id (no
-    discriminator), to initialise training (weights only, no optimiser state). `config`: the taming YAML
-    (path or dict); ours carry their own."""
-    if hub.is_pretrained(path):
-        if config is not None:
-            raise UserError(f"{path} carries its own config.json; drop the taming config")
-        model = hub.load_pretrained(VQGAN, path, "vqgan")
-        return model.config, model.state_dict(), None
-    ckpt = read_checkpoint(path)
-    fmt = checkpoint_format(ckpt)
-    if fmt == "ours":
-        if config is not None:
-            raise UserError(f"{path} is one of our checkpoints and carries its own config; drop the config")
-        cfg = own_vqgan_config(ckpt, path)
-        return cfg, ckpt["model"], ckpt.get("discriminator")
-    t = taming_vqgan(ckpt, path, config)
-    return t.config, t.state_dict, t.discriminator_state_dict
-
-
-def own_vqgan_config(ckpt: dict, path) -> VQGANConfig:
-    """The VQGANConfig stored in one of our stage-one checkpoints."""
-    if ckpt.get("kind") != "vqgan" or "model_config" not in ckpt:
-        raise UserError(f"{path} is not a stage-one VQGAN checkpoint (kind: {ckpt.get('kind', 'unknown')}); "
-                        "pass the file written by training_vqgan.py (checkpoints/vqgan_last.pt)")
-    return dataclass_from_dict(VQGANConfig, ckpt["model_config"])
-
-
 # ============================================================================= transformer
 
 @dataclass
@@ -546,7 +322,7 @@ class TamingTransformer:
     the logits from position 0 on predict z (taming's `forward`: `logits[:, c_len - 1:]`)."""
     gpt_config: dict              # mingpt.GPTConfig(**gpt_config)
     gpt_state_dict: dict          # keys of mingpt.GPT (taming's, `transformer.` and `*.attn.mask` removed)
-    vqgan_config: VQGANConfig
+    vqgan_config: dict            # VQGANConfig(**vqgan_config)
     vqgan_state_dict: dict
     conditioning: str             # 'unconditional' or 'class'
     sos_token: int | None         # the start token of unconditional models
@@ -657,4 +433,4 @@ def _check_gpt_shapes(c: dict, sd: dict):
 
 def load_taming_transformer_parts(path, config=None) -> TamingTransformer:
     """Read and map a taming Net2NetTransformer `.ckpt` (for transformer.load_transformer)."""
-    return taming_transformer(read_checkpoint(path), path, config)
+    return taming_transformer(load_checkpoint(path), path, config)

@@ -15,9 +15,7 @@ config.json.
 import dataclasses
 import hashlib
 import inspect
-import json
 import math
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,19 +24,22 @@ import PIL
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import checkpoints
+import cli
+import data
+import distributed
 import hub
 import loggers
 import plots
-import utils
+import trainer
+from cli import UserError, field
+from devices import PRECISIONS
 from mingpt import GPT_PRESETS, check_sampling
-from training_vqgan import EpochBatchSampler, StopFlag
 from transformer import TransformerConfig, VQGANTransformer, build_from_checkpoint, model_dict, weights_digest
-from utils import UserError, field
-from vqgan import VQGAN, config_from_preset, load_vqgan
+from vqgan import load_vqgan
 
 GPT_FIELDS = ("n_layer", "n_head", "n_embd", "embd_pdrop", "resid_pdrop", "attn_pdrop")
 CACHE_VERSION = 1  # bump when the cache file's layout changes; the augmentation code is hashed (cache_key)
@@ -82,7 +83,7 @@ class TrainConfig:
     val_fraction: float = field(0.1, "share of images held out for the validation loss")
     device: str = field("auto", "auto, cpu, cuda, cuda:N or mps")
     precision: str = field("auto", "auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16",
-                           choices=list(utils.PRECISIONS))
+                           choices=list(PRECISIONS))
     num_workers: int = field(2, "data loader workers for the one-off encoding pass")
     seed: int = field(0, "random seed")
     log_every: int = field(10, "steps between metrics.jsonl records")
@@ -100,22 +101,17 @@ class TrainConfig:
         """Raise UserError (one line: the flag, its range, what to do) for any setting this run would
         fail on, at any point: numeric ranges, the GPT's shape, and the sampling settings of the
         per-epoch and final grids (mingpt.check_sampling), so a bad one never costs an epoch."""
-        utils.check_ranges(self, {
+        cli.check_ranges(self, {
             "n_layer": ">= 1", "n_head": ">= 1", "n_embd": ">= 1", "embd_pdrop": "[0, 1)", "resid_pdrop": "[0, 1)",
             "attn_pdrop": "[0, 1)", "batch_size": ">= 1", "grad_accum_steps": ">= 1", "weight_ema_decay": "[0, 1)",
             "epochs": ">= 0", "max_steps": ">= 0", "learning_rate": ">= 0", "min_lr_ratio": "[0, 1]",
             "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)", "warmup_steps": ">= 0",
             "grad_clip": ">= 0", "pkeep": "(0, 1]", "cfg_dropout": "[0, 1)", "num_augmentations": ">= 1",
-            "num_workers": ">= 0", "seed": utils.SEED_RANGE, "log_every": ">= 1", "num_grid_images": ">= 0"})
-        if self.val_fraction >= 1:
-            raise UserError(f"--val-fraction {self.val_fraction} would hold out every image for validation, "
-                            "leaving none to train on; use a value in [0, 1), e.g. 0.1")
-        utils.check_ranges(self, {"val_fraction": "[0, 1)"})
-        if self.epochs == 0 and self.max_steps == 0:
-            raise UserError("--epochs 0 and --max-steps 0 leave nothing to train; give one of them")
+            "num_workers": ">= 0", "seed": cli.SEED_RANGE, "log_every": ">= 1", "num_grid_images": ">= 0"})
+        trainer.check_split_and_length(self)
         if self.n_embd % self.n_head:
             raise UserError(f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head}")
-        with utils.as_user_error():
+        with cli.as_user_error():
             check_sampling(self.temperature, self.top_k, self.top_p, self.cfg_scale,
                            labels_given=self.conditional, flags=True, labels_name="--conditional")
         if self.cfg_scale != 1 and self.cfg_dropout == 0:
@@ -157,8 +153,8 @@ class AugmentedImages(Dataset):
     also when a rank encodes the block of them that starts at first_index."""
 
     def __init__(self, files, image_size: int, num_augmentations: int, first_index: int = 0):
-        self.centre = utils.ImageDataset(files, image_size, train=False)
-        self.random = utils.ImageDataset(files, image_size, train=True)
+        self.centre = data.ImageDataset(files, image_size, train=False)
+        self.random = data.ImageDataset(files, image_size, train=True)
         self.num_augmentations, self.first_index = num_augmentations, first_index
 
     def __len__(self) -> int:
@@ -175,7 +171,7 @@ def augmentation_digest() -> str:
     """sha256 of the source of the code that turns a file into its cached views (and of the library
     versions that resize it), so an edit to any of it is a new cache without a hand-kept version."""
     h = hashlib.sha256(f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}".encode())
-    for code in (AugmentedImages, encode_dataset, utils.ImageDataset, utils.load_image, utils.to_rgb):
+    for code in (AugmentedImages, encode_dataset, data.ImageDataset, data.load_image, data.to_rgb):
         h.update(inspect.getsource(code).encode())
     return h.hexdigest()
 
@@ -226,22 +222,22 @@ def load_or_encode_codes(model, files, image_size, cfg, cache_dir: Path, device,
         except Exception as e:  # a damaged cache only costs one more encoding pass
             logger.log(f"warning: ignoring unreadable code cache {path}: {str(e).splitlines()[0]}")
     # under DDP the cache is used only when every rank could read it; otherwise all encode together
-    if not utils.any_rank(cached_codes is None):
+    if not distributed.any_rank(cached_codes is None):
         logger.log(f"reusing cached codes {path}")
         return cached_codes
     t0 = time.perf_counter()
     # Under DDP each rank encodes a contiguous block of the files; the blocks are gathered once, in
     # rank order (= file order), and rank 0 writes the cache while the others wait.
-    rank, world = utils.rank_world()
+    rank, world = distributed.rank_world()
     lo, hi = rank * len(files) // world, (rank + 1) * len(files) // world
     codes = encode_dataset(model, files[lo:hi], image_size, cfg.num_augmentations, cfg.batch_size,
                            cfg.num_workers, device, amp, first_index=lo)
-    codes = utils.all_gather_rows(codes.to(device)).cpu()  # (N, A, h*w)
+    codes = distributed.all_gather_rows(codes.to(device)).cpu()  # (N, A, h*w)
     codes = codes.to(torch.int16 if model.num_codes <= 2 ** 15 else torch.int32)  # 4x smaller than int64
     if rank == 0:
-        utils.save_checkpoint({"key": key, "codes": codes, "files": [str(p) for p in files],
+        checkpoints.save_checkpoint({"key": key, "codes": codes, "files": [str(p) for p in files],
                                "image_size": image_size, "num_augmentations": cfg.num_augmentations}, path)
-    utils.barrier()
+    distributed.barrier()
     logger.log(f"encoded {len(files)} images x {cfg.num_augmentations} views in "
                f"{time.perf_counter() - t0:.1f}s" + (f" on {world} processes" if world > 1 else "")
                + f"; cached codes to {path}")
@@ -259,24 +255,17 @@ def train_step(model, codes, labels, opt, scaler, amp, grad_clip: float, accum_s
     label_chunks = labels.chunk(accum_steps) if labels is not None else [None] * len(chunks)
     losses = []
     for i, (c, y) in enumerate(zip(chunks, label_chunks)):
-        with utils.no_sync(model, i == len(chunks) - 1):
+        with distributed.no_sync(model, i == len(chunks) - 1):
             with amp:
                 logits, targets = model(c, y)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
             scaler.scale(loss / len(chunks)).backward()
         losses.append(loss.detach())
     loss = torch.stack(losses).mean()
-    if scaler.is_enabled():
-        scaler.unscale_(opt)
-    params = utils.unwrap(model).gpt.parameters()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = trainer.unscale_and_clip(distributed.unwrap(model).gpt.parameters(), opt, scaler,
+                                         grad_clip if grad_clip > 0 else float("inf"))
     # the gradients are all-reduced, so grad_norm agrees across ranks; the loss is per rank
-    finite = not utils.any_rank(not (bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))))
-    if scaler.is_enabled():
-        scaler.step(opt)  # skips the update itself on inf/NaN gradients
-        scaler.update()
-    elif finite:
-        opt.step()
+    finite = trainer.optimizer_step(opt, scaler, loss, grad_norm)
     return {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "finite": finite}
 
 
@@ -312,7 +301,7 @@ def save_transformer_grid(model, images, codes, labels, path, cfg, seed: int):
     completion = model.indices_to_image(model.complete_indices(codes, 0.5, generator=g, **kw))
     sample = model.indices_to_image(model.generate(n, generator=g, **kw))
     grid = torch.stack([images.to(rec.device), rec, completion, sample], dim=1)  # (n, 4, 3, H, W)
-    utils.save_grid([grid.flatten(0, 1)], path, nrow=4)
+    loggers.save_grid([grid.flatten(0, 1)], path, nrow=4)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -341,338 +330,179 @@ def load_stage_one(path: Path, device, explicit: bool):
 def resume_config(cfg, given: set, ckpt: dict) -> TrainConfig:
     """The saved run's config, updated with the flags given now; model or data changes are refused."""
     fixed = GPT_FIELDS + ("conditional", "num_augmentations", "dataset_path", "val_fraction", "seed")
-    return utils.resumed_config(cfg, given, ckpt["config"], fixed, "model or data")
+    return cli.resumed_config(cfg, given, ckpt["config"], fixed, "model or data")
+
+
+def build_model(cfg, ckpt, class_names: list[str], root: Path, device) -> tuple[VQGANTransformer, Path]:
+    """The VQGANTransformer and its stage-one path: a resumed run brings its own VQGAN (embedded in the
+    checkpoint), a new one loads --vqgan-path."""
+    if ckpt is not None:
+        if ckpt.get("class_names", []) != class_names:
+            raise UserError(f"--resume: the classes in {root} differ from the checkpoint's "
+                            f"{ckpt.get('class_names')}; use the same --dataset-path")
+        return build_from_checkpoint(ckpt).to(device), Path(ckpt["config"].get("vqgan_path") or resolve_vqgan_path(cfg))
+    vqgan_path = resolve_vqgan_path(cfg)
+    vqgan = load_stage_one(vqgan_path, device, explicit=bool(cfg.vqgan_path))
+    return VQGANTransformer(vqgan, transformer_config(cfg, len(class_names)), class_names).to(device), vqgan_path
+
+
+def checkpoint_state(model, opt, scaler, ema, lr: float) -> dict:
+    """Stage two's part of a checkpoint (trainer.Loop.save adds the position, config and RNG states):
+    the model with its VQGAN embedded, optimiser, scaler, learning rate and EMA weights."""
+    state = {**model_dict(model), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "lr": lr}
+    if ema is not None:
+        state["ema_model"] = ema.state_dict()  # transformer.load_transformer prefers these weights
+    return state
+
+
+def ema_copy(model: VQGANTransformer, device) -> VQGANTransformer:
+    """A copy of the GPT for its EMA that shares the frozen VQGAN (its state_dict is a whole model's)."""
+    ema = VQGANTransformer(model.vqgan, model.config, model.class_names).to(device)
+    ema.gpt.load_state_dict(model.gpt.state_dict())
+    return ema
+
+
+def split_codes(cache: torch.Tensor, train_idx: list, val_idx: list, labels, device):
+    """cache (N, A, T) -> train codes (N_train * A, T), image-major, in the cache's int16/int32 (batches
+    become int64 when used); val codes (N_val, T), the centre crops only; and their labels (or None)."""
+    codes = cache.to(device)
+    train_idx, val_idx = torch.tensor(train_idx, device=device), torch.tensor(val_idx, device=device)
+    A, T = codes.shape[1], codes.shape[2]
+    train_codes = codes[train_idx].reshape(-1, T)  # (N_train * A, T)
+    val_codes = codes[val_idx, 0].long()  # (N_val, T)
+    if labels is None:
+        return train_codes, val_codes, None, None
+    labels = labels.to(device)
+    return train_codes, val_codes, labels[train_idx].repeat_interleave(A), labels[val_idx]
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    cfg, given = utils.parse_config(TrainConfig, argv, TRAIN_PRESETS, description=__doc__.split("\n")[0])
+    cfg, given = cli.parse_config(TrainConfig, argv, TRAIN_PRESETS, description=__doc__.split("\n")[0])
     out = Path(cfg.out_dir)
     last_path = out / "checkpoints" / "transformer_last.pt"
-    ckpt = None
-    if cfg.resume:
-        if not last_path.exists():
-            raise UserError(f"--resume: no checkpoint at {last_path}; train without --resume first")
-        ckpt = utils.load_checkpoint(last_path)
-        if ckpt.get("kind") != "transformer":
-            raise UserError(f"{last_path} is not a stage-two checkpoint (kind: {ckpt.get('kind')})")
-        cfg = resume_config(cfg, given, ckpt)
+    cfg, ckpt = trainer.resume_checkpoint(cfg, given, last_path, "transformer", "stage-two", resume_config)
     cfg.validate()  # the whole run's settings (the grids' sampling too), before any data, encoding or training
     loggers.parse_names(cfg.logger)  # an unknown name or a missing package fails before any work
+    run = trainer.setup(cfg)
+    trainer.seed_everything(cfg.seed)
 
-    # Under torchrun (RANK set) this joins the job: NCCL on cuda:LOCAL_RANK, else gloo.
-    dinfo, device = utils.setup_distributed(utils.resolve_device(cfg.device))
-    rank, world = dinfo.rank, dinfo.world_size
-    precision = utils.resolve_precision(cfg.precision, device)
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("--precision bf16 is not supported on this GPU; use fp16 or fp32")
-    amp = utils.autocast(device, precision)
-    utils.seed_everything(cfg.seed)
-
-    data_root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else utils.DEMO_DATA
-    files = utils.find_images(data_root)
+    root = trainer.data_root(cfg)
+    files = data.find_images(root, cache_file=out / "cache" / "file_scan.json")  # vetted once per file
     # split by index, with the same helper and seed as stage one's image split; checked before encoding
-    train_idx, val_idx = utils.split_files(list(range(len(files))), cfg.val_fraction, cfg.seed)
-    if not train_idx:
-        raise UserError(f"--val-fraction {cfg.val_fraction} holds out all {len(files)} images in {data_root} "
-                        "for validation, leaving none to train on; lower --val-fraction (e.g. 0.1) or add images")
-    global_batch = cfg.batch_size * cfg.grad_accum_steps * world
-    if global_batch > len(train_idx) * cfg.num_augmentations:
-        product = (f" x --grad-accum-steps {cfg.grad_accum_steps} x {world} processes = {global_batch}"
-                   if global_batch != cfg.batch_size else "")
-        raise UserError(f"--batch-size {cfg.batch_size}{product} is larger than the "
-                        f"{len(train_idx) * cfg.num_augmentations} cached training sequences; lower --batch-size "
-                        "or raise --num-augmentations")
-    class_names = sorted(set(utils.class_names(data_root, files))) if cfg.conditional else []
-    labels_all = None
-    if cfg.conditional:
-        names = utils.class_names(data_root, files)
-        labels_all = torch.tensor([class_names.index(c) for c in names])
-
-    # The model: a resumed run brings its own VQGAN (embedded in the checkpoint).
-    if ckpt is not None:
-        model = build_from_checkpoint(ckpt).to(device)
-        if ckpt.get("class_names", []) != class_names:
-            raise UserError(f"--resume: the classes in {data_root} differ from the checkpoint's "
-                            f"{ckpt.get('class_names')}; use the same --dataset-path")
-        vqgan_path = Path(ckpt["config"].get("vqgan_path") or resolve_vqgan_path(cfg))
-    else:
-        vqgan_path = resolve_vqgan_path(cfg)
-        vqgan = load_stage_one(vqgan_path, device, explicit=bool(cfg.vqgan_path))
-        model = VQGANTransformer(vqgan, transformer_config(cfg, len(class_names)), class_names).to(device)
+    train_idx, val_idx = trainer.split(list(range(len(files))), cfg, root)
+    global_batch = trainer.global_batch(cfg, run, len(train_idx) * cfg.num_augmentations,
+                                        "cached training sequences", "lower --batch-size or raise --num-augmentations")
+    names = data.class_names(root, files) if cfg.conditional else []
+    class_names = sorted(set(names))
+    labels_all = torch.tensor([class_names.index(c) for c in names]) if cfg.conditional else None
+    model, vqgan_path = build_model(cfg, ckpt, class_names, root, run.device)
     image_size = model.vqgan.config.image_size
 
-    logger = utils.RunLogger(out, "transformer", enabled=dinfo.is_main)
-    cache = load_or_encode_codes(model, files, image_size, cfg, out / "cache", device, amp, logger, precision)
-    codes_all = cache.to(device)  # (N, A, T), kept in int16/int32; batches become int64 when used
+    logger = loggers.RunLogger(out, "transformer", enabled=run.is_main)
+    cache = load_or_encode_codes(model, files, image_size, cfg, out / "cache", run.device, run.amp, logger,
+                                 run.precision)
     # Encoding draws from the global RNG (DataLoader seeds) only on a cache miss: reseed, so training
     # is the same whether or not the codes came from the cache. Per rank (pkeep corruption, class-token
     # dropout, dropout); the data order comes from the shared cfg.seed.
-    utils.seed_everything(cfg.seed + rank)
+    trainer.seed_everything(cfg.seed + run.rank)
     if not val_idx:
         logger.log(f"note: no validation split ({len(files)} image(s), --val-fraction {cfg.val_fraction}): "
                    "val_bits_per_token and grids use training images")
-    train_idx, val_idx = torch.tensor(train_idx), torch.tensor(val_idx or train_idx)
-    A, T = codes_all.shape[1], codes_all.shape[2]
-    train_codes = codes_all[train_idx.to(device)].reshape(-1, T)  # (N_train * A, T), image-major
-    val_codes = codes_all[val_idx.to(device), 0].long()  # (N_val, T): centre crops only
-    if labels_all is not None:
-        labels_all = labels_all.to(device)
-        train_labels = labels_all[train_idx.to(device)].repeat_interleave(A)  # (N_train * A,)
-        val_labels = labels_all[val_idx.to(device)]
-    else:
-        train_labels = val_labels = None
-
+    val_idx = val_idx or train_idx
+    train_codes, val_codes, train_labels, val_labels = split_codes(cache, train_idx, val_idx, labels_all, run.device)
+    A, T = cache.shape[1], cache.shape[2]
     steps_per_epoch = len(train_codes) // global_batch
     # The schedule spans --epochs (or --max-steps with --epochs 0); --max-steps alone only stops
     # early, so a run stopped there and resumed follows the same learning rates as an unbroken one.
     schedule_steps = cfg.epochs * steps_per_epoch if cfg.epochs > 0 else cfg.max_steps
-    total_steps = min(schedule_steps, cfg.max_steps) if cfg.max_steps > 0 else schedule_steps
 
     opt = model.gpt.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
-    # GradScaler only for fp16 (bf16 and fp32 need none)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step, epoch, samples_in_epoch = 0, 0, 0
-    # An EMA copy of the GPT on rank 0 (which alone evaluates, draws grids and saves); it shares the
-    # frozen VQGAN, so ema.state_dict() is a whole model's state.
-    ema = None
-    if cfg.weight_ema_decay > 0 and dinfo.is_main:
-        ema = VQGANTransformer(model.vqgan, model.config, model.class_names).to(device)
-        ema.gpt.load_state_dict(model.gpt.state_dict())
-        ema.eval().requires_grad_(False)
+    scaler = trainer.grad_scaler(run)
+    ema = trainer.make_ema(lambda: ema_copy(model, run.device), cfg.weight_ema_decay, run, ckpt)
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        step, epoch, samples_in_epoch, saved_batch = utils.restore_progress(ckpt, rank, world, cfg.seed)
-        if ema is not None and ckpt.get("ema_model"):
-            ema.load_state_dict(ckpt["ema_model"])
-        logger.truncate_after(step)
-        logger.log(f"resumed from {last_path} at step {step} (epoch {epoch}, sample {samples_in_epoch})")
-        if saved_batch != global_batch:
-            logger.log(f"note: the global batch changed from {saved_batch} to {global_batch}; steps from here "
-                       "count the new batch, and --learning-rate is not rescaled")
-        del ckpt
+    progress = trainer.resume_progress(ckpt, cfg, run, logger, last_path, global_batch)
+    del ckpt
     shown = ema if ema is not None else model  # what grids and validation use
-    utils.broadcast_module_state(model)  # every rank starts from rank 0's GPT
-    ddp_model = model
-    if world > 1:
-        # The frozen VQGAN's parameters need no gradients, so DDP leaves them out of its reducer;
-        # the GPT's all get gradients, so find_unused_parameters stays False.
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                            forward_sync_buffers=False)
+    # The frozen VQGAN's parameters need no gradients, so DDP leaves them out of its reducer.
+    ddp_model = trainer.wrap_ddp(model, run)
 
     cfg = dataclasses.replace(cfg, vqgan_path=str(vqgan_path))
-    if dinfo.is_main:
-        (out / "config.json").write_text(json.dumps(utils.config_dict(cfg), indent=2) + "\n")
-        logger.attach(loggers.Dashboards(cfg.logger, out, "transformer", utils.config_dict(cfg), step))
-    logger.log(f"config: {json.dumps(utils.config_dict(cfg))}")
+    trainer.start_logging(cfg, out, "transformer", logger, run, progress[0])
     h, w = model.latent_hw
-    logger.log(f"device {device}, precision {precision}; stage one {vqgan_path} ({image_size}px, latent grid "
-               f"{h}x{w}, {model.num_codes} codes); {len(train_idx)} train / {len(val_idx)} val images x {A} views "
-               f"from {data_root}" + (f"; {len(class_names)} classes" if cfg.conditional else "")
+    total_steps = trainer.total_steps(cfg, steps_per_epoch)
+    logger.log(f"device {run.device}, precision {run.precision}; stage one {vqgan_path} ({image_size}px, latent "
+               f"grid {h}x{w}, {model.num_codes} codes); {len(train_idx)} train / {len(val_idx)} val images x {A} "
+               f"views from {root}" + (f"; {len(class_names)} classes" if cfg.conditional else "")
                + f"; GPT {model.gpt.num_params() / 1e6:.2f}M params, vocab {model.vocab_size}; "
-               f"{steps_per_epoch} steps/epoch, {total_steps} steps; {world} process(es), global batch "
-               f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum_steps} accumulated x {world}")
+               f"{steps_per_epoch} steps/epoch, {total_steps} steps; {run.world} process(es), global batch "
+               f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum_steps} accumulated x {run.world}")
     if cfg.conditional and len(class_names) < 2:
-        logger.log(f"warning: --conditional, but {data_root} has {len(class_names)} class "
+        logger.log(f"warning: --conditional, but {root} has {len(class_names)} class "
                    "(first-level subfolders); the class token carries no information")
-    if total_steps <= step:
-        logger.log(f"nothing to do: already at step {step} of {total_steps}")
 
-    n_show = min(cfg.num_grid_images, len(val_idx)) if dinfo.is_main else 0
-    if n_show > 0:
-        show_set = utils.ImageDataset([files[i] for i in val_idx[:n_show].tolist()], image_size, train=False)
-        show_images = torch.stack([show_set[j][0] for j in range(n_show)])  # (n, 3, S, S), the centre crops
-        show_codes = val_codes[:n_show]
-        show_labels = val_labels[:n_show] if val_labels is not None else None
+    loop = trainer.Loop(run, cfg, logger, "transformer", last_path, total_steps=total_steps,
+                        global_batch=global_batch, num_train=len(train_codes), progress=progress,
+                        state=lambda: checkpoint_state(model, opt, scaler, ema, lr_at(loop.step, cfg, schedule_steps)))
+    n_show = min(cfg.num_grid_images, len(val_idx)) if run.is_main else 0
+    show_set = data.ImageDataset([files[i] for i in val_idx[:n_show]], image_size, train=False)
+    show_images = torch.stack([show_set[j][0] for j in range(n_show)]) if n_show else None  # centre crops
 
-    def save():
-        """Every rank calls this (its RNG state is gathered); rank 0 alone writes. The position in the
-        epoch is kept in samples, so a resume on another number of processes continues at the next one."""
-        rng_ranks = utils.all_gather_objects(utils.rng_state())[1:]
-        if not dinfo.is_main:
-            return
-        state = {**model_dict(model), "step": step, "epoch": epoch,
-                 "batch_in_epoch": samples_in_epoch // global_batch, "samples_in_epoch": samples_in_epoch,
-                 "global_batch": global_batch,
-                 "config": utils.config_dict(cfg), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                 "lr": lr_at(step, cfg, schedule_steps), "rng": utils.rng_state(),
-                 "torch_version": str(torch.__version__)}
-        if ema is not None:
-            state["ema_model"] = ema.state_dict()  # transformer.load_transformer prefers these weights
-        if rng_ranks:
-            state["rng_ranks"] = rng_ranks
-        utils.save_checkpoint(state, last_path)
-
-    def grid(name: str):
-        """The epoch grid, and the loss curves brought up to date with it."""
+    def validate(name: str) -> float:
+        """Validation bits per token, the grid `name` (rank 0 only) and the loss curves."""
+        val_bpt = evaluate_bits_per_token(shown, val_codes, val_labels, cfg.batch_size, run.amp)
+        logger.metrics({"step": loop.step, "epoch": loop.epoch, "val_bits_per_token": val_bpt})
         if n_show > 0:
-            save_transformer_grid(shown, show_images, show_codes, show_labels, logger.results / name, cfg,
-                                  cfg.seed)
-            logger.image(logger.results / name, step)
-        if logger.enabled:
-            plots.update_plots(logger.results)
+            save_transformer_grid(shown, show_images, val_codes[:n_show],
+                                  val_labels[:n_show] if val_labels is not None else None,
+                                  logger.results / name, cfg, cfg.seed)
+            logger.image(logger.results / name, loop.step)
+        plots.update_plots(logger.results)
+        return val_bpt
 
     def end_epoch():
-        """Validation (rank 0), the grid and a checkpoint when an epoch has run to its end."""
-        nonlocal epoch, samples_in_epoch
-        if dinfo.is_main:
-            val_bpt = evaluate_bits_per_token(shown, val_codes, val_labels, cfg.batch_size, amp)
-            logger.metrics({"step": step, "epoch": epoch, "val_bits_per_token": val_bpt})
-            logger.log(f"(step={step:07d}) epoch {epoch} val: {val_bpt:.4f} bits/token")
-            grid(f"transformer_epoch{epoch:04d}.png")
-        epoch, samples_in_epoch = epoch + 1, 0
-        if bad_steps == 0:  # never overwrite the last good checkpoint inside a non-finite run
-            save()
+        if run.is_main:
+            val_bpt = validate(f"transformer_epoch{loop.epoch:04d}.png")
+            logger.log(f"(step={loop.step:07d}) epoch {loop.epoch} val: {val_bpt:.4f} bits/token")
+
+    def epoch_batches(epoch: int, start: int):
+        """This rank's share of each step, from the shared seed's permutation (see data.EpochBatchSampler)."""
+        per_rank = cfg.batch_size * cfg.grad_accum_steps
+        return data.EpochBatchSampler(len(train_codes), per_rank, cfg.seed, epoch, rank=run.rank,
+                                      world_size=run.world, start_sample=start)
 
     model.train()
-    bad_steps = 0
-    stopping = False
-    per_rank = cfg.batch_size * cfg.grad_accum_steps
-    pbar = tqdm(total=total_steps, initial=step, desc="transformer", dynamic_ncols=True,
-                disable=None if dinfo.is_main else True)
-    with StopFlag() as stop:
-        while step < total_steps and not stopping:
-            # this rank's share of each step, from the shared seed's permutation (see EpochBatchSampler)
-            sampler = EpochBatchSampler(len(train_codes), per_rank, cfg.seed, epoch, rank=rank, world_size=world,
-                                        start_sample=samples_in_epoch)
-            for batch in sampler:
-                t0 = time.perf_counter()
-                rows = torch.tensor([i for i, _ in batch], device=device)
-                y = train_labels[rows] if train_labels is not None else None
-                lr = lr_at(step, cfg, schedule_steps)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                r = train_step(ddp_model, train_codes[rows].long(), y, opt, scaler, amp, cfg.grad_clip,
-                               cfg.grad_accum_steps)
-                if ema is not None and r["finite"]:
-                    utils.ema_update(ema.gpt, model.gpt, cfg.weight_ema_decay)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-                step += 1
-                samples_in_epoch += global_batch
-                bad_steps = 0 if r["finite"] else bad_steps + 1
-                if not r["finite"]:
-                    logger.log(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
-                    if bad_steps >= 10:
-                        raise UserError("10 consecutive non-finite steps; stopping. The last good checkpoint "
-                                        f"{last_path} is untouched; try a lower --learning-rate or --precision fp32")
-                tok_s = global_batch * T / dt
-                pbar.update(1)
-                pbar.set_postfix(loss=f"{r['loss'].item():.3f}", tok_s=f"{tok_s:.0f}")
-                if step % cfg.log_every == 0 or step == total_steps:
-                    # every rank takes part: averaged over ranks
-                    m = utils.all_reduce_mean({"loss": r["loss"], "grad_norm": r["grad_norm"], "step_time": dt})
-                    logger.metrics({"step": step, "epoch": epoch, "loss": m["loss"],
-                                    "bits_per_token": m["loss"] / math.log(2),
-                                    "grad_norm": m["grad_norm"], "lr": lr, "step_time": m["step_time"],
-                                    "tokens_per_sec": global_batch * T / m["step_time"]})
-                # a signal may reach the ranks at different steps: they all stop at the first one's
-                stopping = utils.any_rank(stop.requested)
-                if step >= total_steps or stopping:
-                    break
-            if samples_in_epoch + global_batch > len(train_codes):  # no full step left in this epoch
-                end_epoch()
-                continue
-            break
-    pbar.close()
-    save()
-    if stopping:
-        logger.log(f"stopped at step {step}; checkpoint saved to {last_path}. "
-                   f"Resume with: python training_transformer.py --out-dir {cfg.out_dir} --resume")
-    elif dinfo.is_main:
-        val_bpt = evaluate_bits_per_token(shown, val_codes, val_labels, cfg.batch_size, amp)
-        logger.metrics({"step": step, "epoch": epoch, "val_bits_per_token": val_bpt})
-        grid("transformer_final.png")
-        logger.log(f"done: {step} steps, val {val_bpt:.4f} bits/token; checkpoint {last_path}, "
+    with loop:
+        for batch in loop.batches(epoch_batches, end_epoch):
+            t0 = time.perf_counter()
+            rows = torch.tensor([i for i, _ in batch], device=run.device)
+            y = train_labels[rows] if train_labels is not None else None
+            lr = lr_at(loop.step, cfg, schedule_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            r = train_step(ddp_model, train_codes[rows].long(), y, opt, scaler, run.amp, cfg.grad_clip,
+                           cfg.grad_accum_steps)
+            if ema is not None and r["finite"]:
+                trainer.ema_update(ema.gpt, model.gpt, cfg.weight_ema_decay)
+            dt = loop.step_done(r["finite"], t0)
+            loop.pbar.set_postfix(loss=f"{r['loss'].item():.3f}", tok_s=f"{global_batch * T / dt:.0f}")
+            if loop.step % cfg.log_every == 0 or loop.step == loop.total_steps:
+                # every rank takes part: averaged over ranks
+                m = distributed.all_reduce_mean({"loss": r["loss"], "grad_norm": r["grad_norm"], "step_time": dt})
+                logger.metrics({"step": loop.step, "epoch": loop.epoch, "loss": m["loss"],
+                                "bits_per_token": m["loss"] / math.log(2), "grad_norm": m["grad_norm"], "lr": lr,
+                                "step_time": m["step_time"], "tokens_per_sec": global_batch * T / m["step_time"]})
+    if loop.finish("training_transformer.py"):
+        val_bpt = validate("transformer_final.png")
+        logger.log(f"done: {loop.step} steps, val {val_bpt:.4f} bits/token; checkpoint {last_path}, "
                    f"grids and metrics in {logger.results}")
-    logger.close()
-    utils.cleanup_distributed()
+    trainer.close(logger)
     # the trained model (unwrapped) is returned for callers such as tests; the checkpoint is the record
-    return {"step": step, "checkpoint": str(last_path), "model": model, "ema": ema}
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-def benchmark_code_cache(steps: int = 5, repeats: int = 5, batch_size: int = 16, device: str = "cpu",
-                         seed: int = 0, threads: int | None = None, vqgan_preset: str = "demo",
-                         gpt_preset: str = "demo") -> dict:
-    """GPT training throughput on cached codes vs encoding every batch through the VQGAN encoder.
-
-    By default both use the `demo` presets (VQGAN 64px -> 8x8 codes, GPT 4x4x128; `vqgan_preset`
-    names a vqgan.PRESETS entry, `gpt_preset` a mingpt.GPT_PRESETS one), with random weights. Three
-    pipelines, each `steps` training steps on batches of the demo photos:
-      cached:      index the pre-encoded codes, as main() does;
-      encode:      run the encoder on images already in memory (no loading: the lower bound);
-      load_encode: load, crop and flip the batch's photos, then encode, as the reference does per step.
-    They are measured interleaved (cached, encode, load_encode, cached, ...) `repeats` times after
-    one warm-up round, and medians are taken, so load from other processes hits all alike.
-    `threads` sets torch's CPU threads for the measurement (None: unchanged).
-
-    Returns {"cached_tokens_per_sec", "encode_tokens_per_sec", "load_encode_tokens_per_sec"
-    (medians), "speedup" (cached / encode), "speedup_with_loading" (cached / load_encode),
-    "runs" ({pipeline: per-repeat tokens/s}), "batch_size", "steps", "repeats",
-    "tokens_per_sequence", "threads", "vqgan_preset", "gpt_preset"}.
-    """
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _benchmark_code_cache(steps, repeats, batch_size, device, seed, vqgan_preset, gpt_preset)
-    finally:
-        torch.set_num_threads(old_threads)
-
-
-def _benchmark_code_cache(steps, repeats, batch_size, device, seed, vqgan_preset, gpt_preset) -> dict:
-    """The measurement of benchmark_code_cache."""
-    torch.manual_seed(seed)
-    dev = torch.device(device)
-    vq_cfg = config_from_preset(vqgan_preset)
-    model = VQGANTransformer(VQGAN(vq_cfg), TransformerConfig(**GPT_PRESETS[gpt_preset])).to(dev)
-    model.train()
-    opt = model.gpt.configure_optimizers(0.01, 3e-4, (0.9, 0.95))
-    scaler = torch.amp.GradScaler(dev.type, enabled=False)
-    amp = utils.autocast(dev, "fp32")
-    files = utils.find_images(utils.DEMO_DATA)
-    dataset = utils.ImageDataset(files, vq_cfg.image_size, train=True)
-    n = len(files)
-    batches = [[(i * batch_size + j) % n for j in range(batch_size)] for i in range(steps)]
-    images = torch.stack([dataset[(i, i)][0] for i in range(n)]).to(dev)  # (N, 3, S, S) in memory
-    cache = torch.cat([model.encode_to_indices(images[i : i + batch_size]) for i in range(0, n, batch_size)])
-    T = cache.shape[1]
-
-    def codes_for(mode: str, rows: list[int], step: int) -> torch.Tensor:
-        if mode == "cached":
-            return cache[torch.tensor(rows, device=dev)]  # (B, T)
-        if mode == "encode":
-            return model.encode_to_indices(images[torch.tensor(rows, device=dev)])
-        x = torch.stack([dataset[(r, step * n + r)][0] for r in rows]).to(dev)  # (B, 3, S, S)
-        return model.encode_to_indices(x)
-
-    def run(mode: str) -> float:
-        t0 = time.perf_counter()
-        for step, rows in enumerate(batches):
-            train_step(model, codes_for(mode, rows, step), None, opt, scaler, amp, 1.0)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return steps * batch_size * T / (time.perf_counter() - t0)
-
-    modes = ("cached", "encode", "load_encode")
-    for mode in modes:  # warm-up
-        run(mode)
-    runs = {mode: [] for mode in modes}
-    for _ in range(repeats):
-        for mode in modes:
-            runs[mode].append(run(mode))
-    med = {mode: statistics.median(r) for mode, r in runs.items()}
-    return {"cached_tokens_per_sec": med["cached"], "encode_tokens_per_sec": med["encode"],
-            "load_encode_tokens_per_sec": med["load_encode"], "speedup": med["cached"] / med["encode"],
-            "speedup_with_loading": med["cached"] / med["load_encode"], "runs": runs, "batch_size": batch_size,
-            "steps": steps, "repeats": repeats, "tokens_per_sequence": T, "threads": torch.get_num_threads(),
-            "vqgan_preset": vqgan_preset, "gpt_preset": gpt_preset}
+    return {"step": loop.step, "checkpoint": str(last_path), "model": model, "ema": ema}
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

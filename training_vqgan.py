@@ -8,31 +8,29 @@ Writes <out-dir>/results/ (grids, metrics.jsonl), <out-dir>/checkpoints/vqgan_la
 config.json. Losses follow taming-transformers' VQLPIPSWithDiscriminator.
 """
 
-import copy
 import dataclasses
-import json
 import math
-import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn.grad import conv2d_weight
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
+import cli
+import data
+import distributed
 import loggers
 import plots
-import utils
-from codebook import stats_from_counts
+import trainer
+from cli import UserError, field
+from codebook import code_usage
+from devices import PRECISIONS
 from discriminator import LeCAM, Discriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, min_input_size
 from lpips import MIN_SIZE as LPIPS_MIN_SIZE
 from metrics import psnr_8bit
-from utils import UserError, field
-from vqgan import PRESETS as ARCH_PRESETS, VQGAN, VQGANConfig
+from vqgan import PRESETS as ARCH_PRESETS, VQGAN, VQGANConfig, load_any_vqgan_for_finetune
 
 
 @dataclass
@@ -90,7 +88,7 @@ class TrainConfig(VQGANConfig):
     val_fraction: float = field(0.1, "share of images held out for validation")
     device: str = field("auto", "auto, cpu, cuda, cuda:N or mps")
     precision: str = field("auto", "auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16",
-                           choices=list(utils.PRECISIONS))
+                           choices=list(PRECISIONS))
     num_workers: int = field(2, "data loader worker processes")
     seed: int = field(0, "random seed")
     log_every: int = field(10, "steps between metrics.jsonl records")
@@ -114,7 +112,7 @@ class TrainConfig(VQGANConfig):
         not refused, as the flags can't change them there and the model runs without them."""
         if self.in_channels != 3:
             raise UserError(f"--in-channels {self.in_channels}: images are loaded as RGB, so it must be 3")
-        utils.check_ranges(self, {
+        cli.check_ranges(self, {
             "ch": ">= 1", "num_res_blocks": ">= 1",
             "dropout": "[0, 1)", "z_channels": ">= 1", "num_groups": ">= 1", "latent_dim": ">= 1",
             "num_codebook_vectors": ">= 1", "commitment_beta": ">= 0", "codebook_dim": ">= 1", "ema_decay": "[0, 1)",
@@ -124,16 +122,11 @@ class TrainConfig(VQGANConfig):
             # 10 discriminator layers already need 3072 px images (discriminator.min_input_size)
             "disc_start": ">= 0", "disc_factor": ">= 0", "disc_weight": ">= 0", "disc_ndf": ">= 1",
             "disc_layers": "[1, 10]", "rec_loss_factor": ">= 0", "perceptual_loss_factor": ">= 0",
-            "codebook_weight": ">= 0", "num_workers": ">= 0", "seed": utils.SEED_RANGE,
+            "codebook_weight": ">= 0", "num_workers": ">= 0", "seed": cli.SEED_RANGE,
             "log_every": ">= 1", "sample_every": ">= 1", "save_every": ">= 1", "keep_checkpoints": ">= 0",
             "warmup_steps": ">= 0", "min_lr_ratio": "[0, 1]", "disc_learning_rate": ">= 0",
             "max_adaptive_weight": "> 0", "gan_ramp_steps": ">= 0", "lecam_weight": ">= 0", "max_seconds": ">= 0"})
-        if self.val_fraction >= 1:
-            raise UserError(f"--val-fraction {self.val_fraction} would hold out every image for validation, "
-                            "leaving none to train on; use a value in [0, 1), e.g. 0.1")
-        utils.check_ranges(self, {"val_fraction": "[0, 1)"})
-        if self.epochs == 0 and self.max_steps == 0:
-            raise UserError("--epochs 0 and --max-steps 0 leave nothing to train; give one of them")
+        trainer.check_split_and_length(self)
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise UserError(f"--ch-mult {' '.join(map(str, self.ch_mult)) or '(no values)'}: give one channel "
                             "multiplier >= 1 per level, e.g. --ch-mult 1 2 2 4")
@@ -192,44 +185,13 @@ def model_config(cfg: TrainConfig) -> VQGANConfig:
 
 # ----------------------------------------------------------------------------- data
 
-class EpochBatchSampler:
-    """Shuffled batches for one epoch from a seeded permutation, optionally starting mid-epoch.
-
-    Each item is (index, augmentation seed), so crops and flips depend only on (seed, epoch, position),
-    never on worker scheduling: a resumed run sees exactly the batches an uninterrupted one would.
-    Under DDP each rank takes every world_size-th sample of the same permutation (the shared seed
-    picks it), as DistributedSampler does with its per-epoch set_epoch reseeding and drop_last; unlike
-    it, this one can start at any sample of the epoch (`start_sample`), which is what a resume with
-    another number of processes, and so another global batch, needs.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
-                 rank: int = 0, world_size: int = 1, start_sample: int = 0):
-        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
-        self.rank, self.world_size = rank, world_size
-        self.start = start_sample + start_batch * batch_size * world_size  # position in the permutation
-
-    def __len__(self) -> int:
-        return max(self.n - self.start, 0) // (self.batch_size * self.world_size)
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        aug = torch.randint(0, 2 ** 62, (self.n,), generator=g).tolist()
-        per_step = self.batch_size * self.world_size
-        for b in range(len(self)):
-            base = self.start + b * per_step
-            chunk = range(base + self.rank, base + per_step, self.world_size)
-            yield [(order[i], aug[i]) for i in chunk]
-
-
 def make_loader(dataset, cfg, epoch: int, start_sample: int = 0, rank: int = 0, world_size: int = 1):
     """This rank's batches of one epoch from its `start_sample`-th sample: batch-size x grad-accum-steps
     images per step, split into micro-batches by the step functions."""
-    sampler = EpochBatchSampler(len(dataset), cfg.batch_size * cfg.grad_accum_steps, cfg.seed, epoch,
+    sampler = data.EpochBatchSampler(len(dataset), cfg.batch_size * cfg.grad_accum_steps, cfg.seed, epoch,
                                 rank=rank, world_size=world_size, start_sample=start_sample)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=utils.seed_worker,
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=data.seed_worker,
                       persistent_workers=False)
 
 
@@ -288,18 +250,11 @@ def generator_step(model, disc, perceptual, x, step: int, cfg, opt, scaler, amp)
     out["g_loss"] = gan["g_loss"] if gan else x.new_zeros(())
     out["lambda"] = gan["lambda"] if gan else x.new_zeros(())
 
-    if scaler.is_enabled():
-        scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    grad_norm = trainer.unscale_and_clip(model.parameters(), opt, scaler)
     # the gradients are all-reduced, so grad_norm agrees across ranks; the loss is per rank
-    finite = not utils.any_rank(not (bool(torch.isfinite(out["loss"])) and bool(torch.isfinite(grad_norm))))
-    if scaler.is_enabled():
-        scaler.step(opt)  # skips the update itself on inf/NaN gradients
-        scaler.update()
-    elif finite:
-        opt.step()
+    finite = trainer.optimizer_step(opt, scaler, out["loss"], grad_norm)
     # EMA codes and dead-code restarts, once per optimiser step (dead_code_steps counts these)
-    utils.unwrap(model).quantize.step(apply=finite)
+    distributed.unwrap(model).quantize.step(apply=finite)
     return {**out, "grad_norm": grad_norm.detach(), "finite": finite,
             "x_rec": torch.cat([p["x_rec"] for p in parts]), "indices": torch.cat([p["indices"] for p in parts]),
             "disc_on": disc_on, "disc_factor": factor}
@@ -334,7 +289,7 @@ def gan_gradients(model, disc, perceptual, chunks, weights, cfg, amp, scale, fac
     What else differs from one batch of K*B: dropout masks are drawn per micro-batch, and dead-code
     restarts draw from the last micro-batch's encoder outputs (Codebook.step).
     """
-    net, d = utils.unwrap(model), utils.unwrap(disc)
+    net, d = distributed.unwrap(model), distributed.unwrap(disc)
     kept = None
     if len(chunks) == 1:
         with amp:
@@ -372,7 +327,7 @@ def gan_gradients(model, disc, perceptual, chunks, weights, cfg, amp, scale, fac
                     for w, h, g in zip(weights, hs, g_nll))
         w_adv = sum(conv2d_weight(h.float(), shape, g, stride=1, padding=1) for h, g in zip(hs, g_adv))
         # Divided by the fp16 loss scale first: taming's epsilon (1e-4) is in the units of the true gradients.
-        w_nll, w_adv = utils.all_reduce_(torch.stack([w_nll, w_adv]) / scale, mean=True)
+        w_nll, w_adv = distributed.all_reduce_(torch.stack([w_nll, w_adv]) / scale, mean=True)
         lam = adaptive_weight(w_nll, w_adv, cfg.disc_weight, cfg.max_adaptive_weight)
     else:
         lam = g_loss.new_tensor(cfg.disc_weight)
@@ -385,7 +340,7 @@ def _generator_backward(model, perceptual, x, weight: float, cfg, amp, scale, ga
     """Forward and backward of micro-batch i, x: (B, 3, H, W) in [-1, 1]; its gradients, times `weight`
     (its share of the step's batch), are added to .grad. With the GAN on (`gan` from gan_gradients)
     the reconstruction's gradient comes from there. Under DDP, `sync` False skips the all-reduce."""
-    with utils.no_sync(model, sync):
+    with distributed.no_sync(model, sync):
         if gan is not None and gan["kept"] is not None:
             x_rec, indices, q_loss = gan["kept"]
         else:
@@ -427,12 +382,7 @@ def discriminator_step(disc, x, x_rec, opt, scaler, amp, disc_factor: float, lec
         if lecam is not None and lecam_weight > 0:
             d_loss = d_loss + disc_factor * lecam_weight * lecam(logits_real, logits_fake)
     scaler.scale(d_loss).backward()
-    finite = not utils.any_rank(not bool(torch.isfinite(d_loss)))
-    if scaler.is_enabled():
-        scaler.step(opt)
-        scaler.update()
-    elif finite:
-        opt.step()
+    trainer.optimizer_step(opt, scaler, d_loss)
     return {"d_loss": d_loss.detach(), "logits_real": logits_real.mean().detach(),
             "logits_fake": logits_fake.mean().detach()}
 
@@ -480,59 +430,22 @@ def save_reconstructions(model, x, path, amp):
     with amp:
         x_rec, _, _ = model(x)
     model.train(was_training)
-    utils.save_grid([x, x_rec.float().clamp(-1, 1)], path)
+    loggers.save_grid([x, x_rec.float().clamp(-1, 1)], path)
     return path
 
 
-def checkpoint_dict(cfg, model, disc, opt_g, opt_d, scaler_g, scaler_d, step, epoch, samples_in_epoch: int,
-                    global_batch: int, ema=None, rng_ranks=None, lecam=None):
-    """The stage-one checkpoint. `model`/`disc` are the unwrapped modules. The position in the epoch is
-    kept in samples (`samples_in_epoch`), so a resume with another global batch (another number of
-    processes) starts at the next unseen sample; `batch_in_epoch` counts steps of `global_batch`.
-    `rng` is rank 0's RNG state, `rng_ranks` those of ranks 1.. (for a resume on as many processes)."""
-    state = {
-        "kind": "vqgan", "step": step, "epoch": epoch, "batch_in_epoch": samples_in_epoch // global_batch,
-        "samples_in_epoch": samples_in_epoch, "global_batch": global_batch,
-        "config": utils.config_dict(cfg), "model_config": utils.config_dict(model_config(cfg)),
-        "model": model.state_dict(), "discriminator": disc.state_dict(),
-        "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-        "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict(),
-        "rng": utils.rng_state(), "torch_version": str(torch.__version__),
-    }
+def checkpoint_state(cfg, model, disc, opt_g, opt_d, scaler_g, scaler_d, ema=None, lecam=None) -> dict:
+    """Stage one's part of a checkpoint (trainer.Loop.save adds the position, config and RNG states).
+    `model`/`disc` are the unwrapped modules."""
+    state = {"kind": "vqgan", "model_config": cli.config_dict(model_config(cfg)),
+             "model": model.state_dict(), "discriminator": disc.state_dict(),
+             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+             "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict()}
     if ema is not None:
         state["ema_model"] = ema.state_dict()  # vqgan.load_vqgan prefers these weights
     if lecam is not None:
         state["lecam"] = lecam.state_dict()
-    if rng_ranks:
-        state["rng_ranks"] = rng_ranks
     return state
-
-
-class StopFlag:
-    """First SIGINT/SIGTERM: finish the step, save, exit. Second SIGINT: stop at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not in the main thread (e.g. called from a test runner thread)
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
-              "(Ctrl-C again to quit at once)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 # Model-config fields that only shape training, so fine-tuning may change them.
@@ -542,15 +455,13 @@ FINETUNE_FREE = ("commitment_beta", "legacy_beta", "dropout", "restart_dead_code
 def finetune_config(cfg, given: set):
     """Architecture and weights of --checkpoint-path. Explicit architecture flags must agree with it,
     except --image-size: the attention levels are kept by rescaling attn_resolutions with it."""
-    import taming_compat
-
-    arch, model_sd, disc_sd = taming_compat.load_any_vqgan_for_finetune(
+    arch, model_sd, disc_sd = load_any_vqgan_for_finetune(
         cfg.checkpoint_path, cfg.taming_config or None)
-    values = utils.config_dict(arch)
+    values = cli.config_dict(arch)
     conflicts = [k for k in given if k in values and k != "image_size" and k not in FINETUNE_FREE
-                 and utils.config_dict(cfg)[k] != values[k]]
+                 and cli.config_dict(cfg)[k] != values[k]]
     if conflicts:
-        diffs = ", ".join(f"{k}: checkpoint {values[k]!r} vs flag {utils.config_dict(cfg)[k]!r}" for k in conflicts)
+        diffs = ", ".join(f"{k}: checkpoint {values[k]!r} vs flag {cli.config_dict(cfg)[k]!r}" for k in conflicts)
         raise UserError(f"--checkpoint-path fixes the architecture ({diffs}); drop those flags")
     if "image_size" in given and cfg.image_size != arch.image_size:
         scaled = [r * cfg.image_size / arch.image_size for r in arch.attn_resolutions]
@@ -562,83 +473,27 @@ def finetune_config(cfg, given: set):
         if k in given:
             values[k] = getattr(cfg, k)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    merged = {**{k: v for k, v in utils.config_dict(cfg).items()}, **{k: v for k, v in values.items() if k in fields}}
+    merged = {**{k: v for k, v in cli.config_dict(cfg).items()}, **{k: v for k, v in values.items() if k in fields}}
     return TrainConfig(**merged), model_sd, disc_sd
 
 
 def resume_config(cfg, given: set, ckpt: dict) -> TrainConfig:
     """The saved run's config, updated with the flags given now; architecture changes are refused."""
-    return utils.resumed_config(cfg, given, ckpt["config"], ARCH_FIELDS, "architecture")
+    return cli.resumed_config(cfg, given, ckpt["config"], ARCH_FIELDS, "architecture")
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- models and logging
 
-def main(argv=None):
-    cfg, given = utils.parse_config(TrainConfig, argv, TRAIN_PRESETS, description=__doc__.split("\n")[0])
-    # Denormal floats appear as tiny models converge and can slow CPU steps tenfold (measured: 50 ms -> 3 s).
-    torch.set_flush_denormal(True)
-    out = Path(cfg.out_dir)
-    ckpt_dir = out / "checkpoints"
-    last_path = ckpt_dir / "vqgan_last.pt"
-    ckpt = None
-    if cfg.resume:
-        if not last_path.exists():
-            raise UserError(f"--resume: no checkpoint at {last_path}; train without --resume first")
-        ckpt = utils.load_checkpoint(last_path)
-        if ckpt.get("kind") != "vqgan":
-            raise UserError(f"{last_path} is not a stage-one checkpoint (kind: {ckpt.get('kind')})")
-        cfg = resume_config(cfg, given, ckpt)
-    init_model_sd = init_disc_sd = None
-    if cfg.checkpoint_path and ckpt is None:
-        cfg, init_model_sd, init_disc_sd = finetune_config(cfg, given)
-    cfg.validate(architecture_from_checkpoint=ckpt is not None or bool(cfg.checkpoint_path))  # before any work
-    f = 2 ** (len(cfg.ch_mult) - 1)
-    loggers.parse_names(cfg.logger)  # an unknown name or a missing package fails before any work
-
-    # Under torchrun (RANK set) this joins the job: NCCL on cuda:LOCAL_RANK, else gloo.
-    dinfo, device = utils.setup_distributed(utils.resolve_device(cfg.device))
-    rank, world = dinfo.rank, dinfo.world_size
-    precision = utils.resolve_precision(cfg.precision, device)
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("--precision bf16 is not supported on this GPU; use fp16 or fp32")
-    amp = utils.autocast(device, precision)
-    # per-rank RNG (dropout, restarts' picks); the data order comes from the shared cfg.seed
-    utils.seed_everything(cfg.seed + rank)
-
-    data_root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else utils.DEMO_DATA
-    files = utils.find_images(data_root)
-    train_files, val_files = utils.split_files(files, cfg.val_fraction, cfg.seed)
-    if not train_files:
-        raise UserError(f"--val-fraction {cfg.val_fraction} holds out all {len(files)} images in {data_root} "
-                        "for validation, leaving none to train on; lower --val-fraction (e.g. 0.1) or add images")
-    global_batch = cfg.batch_size * cfg.grad_accum_steps * world
-    if global_batch > len(train_files):
-        product = (f" x --grad-accum-steps {cfg.grad_accum_steps} x {world} processes = {global_batch}"
-                   if global_batch != cfg.batch_size else "")
-        raise UserError(f"--batch-size {cfg.batch_size}{product} is larger than the {len(train_files)} "
-                        f"training images in {data_root}; lower --batch-size")
-    train_set = utils.ImageDataset(train_files, cfg.image_size, train=True)
-    val_set = utils.ImageDataset(val_files or train_files, cfg.image_size, train=False)
-    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
-    steps_per_epoch = len(train_set) // global_batch
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps > 0:
-        total_steps = min(total_steps, cfg.max_steps) if cfg.epochs > 0 else cfg.max_steps
-
-    model = VQGAN(model_config(cfg)).to(device)
-    disc = Discriminator(cfg.in_channels, cfg.disc_ndf, cfg.disc_layers, cfg.disc_norm).to(device)
-    lecam = LeCAM().to(device) if cfg.lecam_weight > 0 else None
-    perceptual = build_perceptual(cfg, device)
+def build_models(cfg, run, ckpt, init_model_sd, init_disc_sd, logger):
+    """The VQGAN, discriminator, LeCAM state (or None), their Adam optimisers and fp16 scalers, from
+    --checkpoint-path's weights (fine-tuning) or the resumed checkpoint when given."""
+    model = VQGAN(model_config(cfg)).to(run.device)
+    disc = Discriminator(cfg.in_channels, cfg.disc_ndf, cfg.disc_layers, cfg.disc_norm).to(run.device)
+    lecam = LeCAM().to(run.device) if cfg.lecam_weight > 0 else None
     betas = (cfg.beta1, cfg.beta2)
     opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, betas=betas)
-    disc_lr = cfg.disc_learning_rate or cfg.learning_rate
-    opt_d = torch.optim.Adam(disc.parameters(), lr=disc_lr, betas=betas)
-    # GradScaler only for fp16, one per optimiser (bf16 and fp32 need none)
-    scaler_g = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    scaler_d = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    step, epoch, samples_in_epoch = 0, 0, 0
-    logger = utils.RunLogger(out, "vqgan", enabled=dinfo.is_main)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc_learning_rate or cfg.learning_rate, betas=betas)
+    scaler_g, scaler_d = trainer.grad_scaler(run), trainer.grad_scaler(run)
     if init_model_sd is not None:
         # dead-code restart bookkeeping exists only when restarts are on; it may differ from the source's
         own = model.state_dict()
@@ -657,185 +512,146 @@ def main(argv=None):
         disc.load_state_dict(ckpt["discriminator"])
         if lecam is not None and "lecam" in ckpt:
             lecam.load_state_dict(ckpt["lecam"])
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        scaler_g.load_state_dict(ckpt["scaler_g"])
-        scaler_d.load_state_dict(ckpt["scaler_d"])
-        step, epoch, samples_in_epoch, saved_batch = utils.restore_progress(ckpt, rank, world, cfg.seed)
-        logger.truncate_after(step)
-        logger.log(f"resumed from {last_path} at step {step} (epoch {epoch}, sample {samples_in_epoch})")
-        if saved_batch != global_batch:
-            logger.log(f"note: the global batch changed from {saved_batch} to {global_batch}; steps from here "
-                       "count the new batch, and --learning-rate is not rescaled")
+        for obj, key in ((opt_g, "opt_g"), (opt_d, "opt_d"), (scaler_g, "scaler_g"), (scaler_d, "scaler_d")):
+            obj.load_state_dict(ckpt[key])
+    return model, disc, lecam, opt_g, opt_d, scaler_g, scaler_d
 
-    # An EMA copy of the weights on rank 0, which alone evaluates, draws grids and saves.
-    ema = None
-    if cfg.weight_ema_decay > 0 and dinfo.is_main:
-        ema = copy.deepcopy(model).eval().requires_grad_(False)
-        if ckpt is not None and "ema_model" in ckpt:
-            ema.load_state_dict(ckpt["ema_model"])
+
+def log_step(loop, cfg, g: dict, d: dict, counts, dt: float, lr: float):
+    """The progress bar, and every --log-every steps a metrics record (every rank takes part: losses
+    averaged over ranks, code usage over the global batch)."""
+    usage, _ = code_usage(counts)
+    loop.pbar.set_postfix(rec=f"{g['rec_loss'].item():.3f}", p=f"{g['perceptual_loss'].item():.3f}",
+                          d=f"{d['d_loss'].item():.3f}" if d else "off", use=f"{usage:.2f}",
+                          ips=f"{loop.global_batch / dt:.1f}")
+    if loop.step % cfg.log_every == 0 or loop.step == loop.total_steps:
+        usage, ppl = code_usage(distributed.all_reduce_(counts))
+        rec = distributed.all_reduce_mean(
+            {**{k: v for k, v in g.items() if k not in ("x_rec", "indices", "disc_on", "finite", "disc_factor")},
+             **d, "step_time": dt})
+        loop.logger.metrics({"step": loop.step, "epoch": loop.epoch, **rec, "disc_factor": g["disc_factor"],
+                             "codebook_usage": usage, "perplexity": ppl,
+                             "images_per_sec": loop.global_batch / rec["step_time"], "lr": lr})
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    cfg, given = cli.parse_config(TrainConfig, argv, TRAIN_PRESETS, description=__doc__.split("\n")[0])
+    # Denormal floats appear as tiny models converge and can slow CPU steps tenfold (measured: 50 ms -> 3 s).
+    torch.set_flush_denormal(True)
+    out = Path(cfg.out_dir)
+    last_path = out / "checkpoints" / "vqgan_last.pt"
+    cfg, ckpt = trainer.resume_checkpoint(cfg, given, last_path, "vqgan", "stage-one", resume_config)
+    init_model_sd = init_disc_sd = None
+    if cfg.checkpoint_path and ckpt is None:
+        cfg, init_model_sd, init_disc_sd = finetune_config(cfg, given)
+    cfg.validate(architecture_from_checkpoint=ckpt is not None or bool(cfg.checkpoint_path))  # before any work
+    loggers.parse_names(cfg.logger)  # an unknown name or a missing package fails before any work
+    run = trainer.setup(cfg)
+    # per-rank RNG (dropout, restarts' picks); the data order comes from the shared cfg.seed
+    trainer.seed_everything(cfg.seed + run.rank)
+
+    root = trainer.data_root(cfg)
+    files = data.find_images(root, cache_file=out / "cache" / "file_scan.json")  # vetted once per file
+    train_files, val_files = trainer.split(files, cfg, root)
+    global_batch = trainer.global_batch(cfg, run, len(train_files), f"training images in {root}",
+                                        "lower --batch-size")
+    train_set = data.ImageDataset(train_files, cfg.image_size, train=True)
+    val_set = data.ImageDataset(val_files or train_files, cfg.image_size, train=False)
+    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
+    steps_per_epoch = len(train_set) // global_batch
+    total_steps = trainer.total_steps(cfg, steps_per_epoch)
+
+    logger = loggers.RunLogger(out, "vqgan", enabled=run.is_main)
+    model, disc, lecam, opt_g, opt_d, scaler_g, scaler_d = build_models(cfg, run, ckpt, init_model_sd,
+                                                                        init_disc_sd, logger)
+    perceptual = build_perceptual(cfg, run.device)
+    ema = trainer.make_ema(trainer.copy_for_ema(model), cfg.weight_ema_decay, run, ckpt)
+    progress = trainer.resume_progress(ckpt, cfg, run, logger, last_path, global_batch)
     del ckpt
     shown = ema if ema is not None else model  # what grids and validation use
-    # Every rank starts from rank 0's weights and buffers (codebook EMA statistics included).
-    utils.broadcast_module_state(model)
-    utils.broadcast_module_state(disc)
-    ddp_model, ddp_disc = model, disc
-    if world > 1:
-        # Separate wrappers: each optimiser's backward all-reduces its own module's gradients. All
-        # trainable parameters get gradients (an EMA codebook's vectors have requires_grad False),
-        # so find_unused_parameters stays False. No buffer broadcasts: codebook.py keeps the codebook
-        # identical itself, and the discriminator's BatchNorm statistics are per rank (rank 0's saved).
-        ddp_kw = dict(device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
-        ddp_model = DistributedDataParallel(model, **ddp_kw)
-        ddp_disc = DistributedDataParallel(disc, **ddp_kw)
+    # Separate wrappers: each optimiser's backward all-reduces its own module's gradients.
+    ddp_model, ddp_disc = trainer.wrap_ddp(model, run), trainer.wrap_ddp(disc, run)
 
-    if dinfo.is_main:
-        (out / "config.json").write_text(json.dumps(utils.config_dict(cfg), indent=2) + "\n")
-        logger.attach(loggers.Dashboards(cfg.logger, out, "vqgan", utils.config_dict(cfg), step))
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.log(f"config: {json.dumps(utils.config_dict(cfg))}")
-    logger.log(f"device {device}, precision {precision}; {len(train_files)} train / {len(val_files)} val images "
-               f"from {data_root}; VQGAN {n_params / 1e6:.2f}M params, latent grid "
-               f"{cfg.image_size // f}x{cfg.image_size // f}, {cfg.num_codebook_vectors} codes; "
-               f"{steps_per_epoch} steps/epoch, {total_steps} steps; {world} process(es), global batch "
-               f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum_steps} accumulated x {world}")
+    trainer.start_logging(cfg, out, "vqgan", logger, run, progress[0])
+    f = 2 ** (len(cfg.ch_mult) - 1)
+    logger.log(f"device {run.device}, precision {run.precision}; {len(train_files)} train / {len(val_files)} val "
+               f"images from {root}; VQGAN {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+               f"latent grid {cfg.image_size // f}x{cfg.image_size // f}, {cfg.num_codebook_vectors} codes; "
+               f"{steps_per_epoch} steps/epoch, {total_steps} steps; {run.world} process(es), global batch "
+               f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum_steps} accumulated x {run.world}")
     if not val_files:
         logger.log(f"note: no validation split ({len(files)} image(s), --val-fraction {cfg.val_fraction}): "
                    "val_* metrics and grids use training images")
-    if total_steps <= step:
-        logger.log(f"nothing to do: already at step {step} of {total_steps}")
+    loop = trainer.Loop(run, cfg, logger, "vqgan", last_path, total_steps=total_steps, global_batch=global_batch,
+                        num_train=len(train_set), progress=progress, max_seconds=cfg.max_seconds,
+                        copies="vqgan_step", keep=cfg.keep_checkpoints,
+                        state=lambda: checkpoint_state(cfg, model, disc, opt_g, opt_d, scaler_g, scaler_d, ema, lecam))
+    x_show = torch.stack([val_set[i][0] for i in range(min(8, len(val_set)))]).to(run.device) if run.is_main else None
 
-    x_show = torch.stack([val_set[i][0] for i in range(min(8, len(val_set)))]).to(device) if dinfo.is_main else None
-    saved_copies = sorted(ckpt_dir.glob("vqgan_step*.pt"))
-
-    def save(tag_copy: bool):
-        """Every rank calls this (its RNG state is gathered); rank 0 alone writes."""
-        rng_ranks = utils.all_gather_objects(utils.rng_state())[1:]
-        if not dinfo.is_main:
-            return
-        state = checkpoint_dict(cfg, model, disc, opt_g, opt_d, scaler_g, scaler_d, step, epoch, samples_in_epoch,
-                                global_batch, ema, rng_ranks, lecam)
-        utils.save_checkpoint(state, last_path)
-        if tag_copy:
-            copy = ckpt_dir / f"vqgan_step{step:07d}.pt"
-            utils.save_checkpoint(state, copy)
-            saved_copies.append(copy)
-            while cfg.keep_checkpoints > 0 and len(saved_copies) > cfg.keep_checkpoints:
-                saved_copies.pop(0).unlink(missing_ok=True)
+    def grid(name: str):
+        logger.image(save_reconstructions(shown, x_show, logger.results / name, run.amp), loop.step)
 
     def end_epoch():
-        """Validation, grids, plots and a checkpoint when an epoch has run to its end (rank 0 evaluates)."""
-        nonlocal epoch, samples_in_epoch
-        utils.all_reduce_(epoch_counts)  # the codes every rank chose
-        if dinfo.is_main:
-            val = evaluate_val(shown, perceptual, val_loader, device, amp)
-            usage, ppl = stats_from_counts(epoch_counts)
-            val.update(epoch_codebook_usage=usage, epoch_perplexity=ppl)
-            logger.metrics({"step": step, "epoch": epoch, **val})
-            logger.log(f"(step={step:07d}) epoch {epoch} " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float)
-                                                                    else f"{k} {v}" for k, v in val.items()))
-            logger.image(save_reconstructions(shown, x_show, logger.results / f"rec_epoch{epoch:04d}.png", amp), step)
+        """Validation, grids and plots when an epoch has run to its end (rank 0 evaluates)."""
+        distributed.all_reduce_(epoch_counts)  # the codes every rank chose
+        if run.is_main:
+            val = evaluate_val(shown, perceptual, val_loader, run.device, run.amp)
+            val.update(zip(("epoch_codebook_usage", "epoch_perplexity"), code_usage(epoch_counts)))
+            logger.metrics({"step": loop.step, "epoch": loop.epoch, **val})
+            logger.log(f"(step={loop.step:07d}) epoch {loop.epoch} " + ", ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in val.items()))
+            grid(f"rec_epoch{loop.epoch:04d}.png")
             plots.update_plots(logger.results)
             plots.plot_codebook_usage(epoch_counts.cpu().numpy(), logger.metrics_path,
                                       logger.results / "codebook_usage.png")
         epoch_counts.zero_()
-        epoch, samples_in_epoch = epoch + 1, 0
-        if bad_steps == 0:
-            save(tag_copy=False)
 
     model.train()
     disc.train()
     disc_buffers = list(disc.buffers()) + (list(lecam.buffers()) if lecam is not None else [])
-    bad_steps = 0
-    stopping = False
     # codes chosen over the current epoch: the usage that matters (one batch holds too few vectors)
-    epoch_counts = torch.zeros(cfg.num_codebook_vectors, dtype=torch.long, device=device)
-    pbar = tqdm(total=total_steps, initial=step, desc="vqgan", dynamic_ncols=True,
-                disable=None if dinfo.is_main else True)
-    train_start = time.perf_counter()
-    with StopFlag() as stop:
-        while step < total_steps and not stopping:
-            loader = make_loader(train_set, cfg, epoch, samples_in_epoch, rank, world)
-            for x, _ in loader:
-                t0 = time.perf_counter()
-                lr_scale = lr_factor(step, total_steps, cfg)
-                for group in opt_g.param_groups:
-                    group["lr"] = cfg.learning_rate * lr_scale
-                for group in opt_d.param_groups:
-                    group["lr"] = disc_lr * lr_scale
-                x = x.to(device, non_blocking=True)  # (K*B, 3, H, W): this rank's share of the step
-                # BatchNorm running stats change in the forward passes, before a non-finite step is
-                # known and skipped; kept here so a NaN batch can't leave NaN in them
-                disc_stats = [b.detach().clone() for b in disc_buffers]
-                g = generator_step(ddp_model, ddp_disc, perceptual, x, step, cfg, opt_g, scaler_g, amp)
-                d = (discriminator_step(ddp_disc, x, g["x_rec"], opt_d, scaler_d, amp, cfg.disc_factor,
-                                        lecam, cfg.lecam_weight) if g["disc_on"] else {})
-                if ema is not None and g["finite"]:
-                    utils.ema_update(ema, model, cfg.weight_ema_decay)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-                step += 1
-                samples_in_epoch += global_batch
-                bad_steps = 0 if g["finite"] else bad_steps + 1
-                if not g["finite"]:
-                    with torch.no_grad():
-                        for b, kept in zip(disc_buffers, disc_stats):
-                            b.copy_(kept)
-                    logger.log(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
-                    if bad_steps >= 10:
-                        raise UserError("10 consecutive non-finite steps; stopping. The last good checkpoint "
-                                        f"{last_path} is untouched; try a lower --learning-rate or --precision fp32")
-                counts = torch.bincount(g["indices"].flatten(), minlength=cfg.num_codebook_vectors)
-                epoch_counts += counts
-                usage, ppl = stats_from_counts(counts)
-                pbar.update(1)
-                pbar.set_postfix(rec=f"{g['rec_loss'].item():.3f}", p=f"{g['perceptual_loss'].item():.3f}",
-                                 d=f"{d['d_loss'].item():.3f}" if d else "off", use=f"{usage:.2f}",
-                                 ips=f"{global_batch / dt:.1f}")
-                if step % cfg.log_every == 0 or step == total_steps:
-                    # every rank takes part: losses averaged over ranks, code usage over the global batch
-                    usage, ppl = stats_from_counts(utils.all_reduce_(counts))
-                    rec = utils.all_reduce_mean(
-                        {**{k: v for k, v in g.items()
-                            if k not in ("x_rec", "indices", "disc_on", "finite", "disc_factor")},
-                         **d, "step_time": dt})
-                    logger.metrics({"step": step, "epoch": epoch, **rec,
-                                    "disc_factor": g["disc_factor"],
-                                    "codebook_usage": usage, "perplexity": ppl,
-                                    "images_per_sec": global_batch / rec["step_time"],
-                                    "lr": cfg.learning_rate * lr_scale})
-                if step % cfg.sample_every == 0 and dinfo.is_main:
-                    logger.image(save_reconstructions(shown, x_show, logger.results / f"rec_step{step:07d}.png", amp),
-                                 step)
-                    plots.update_plots(logger.results)
-                # no saves inside a run of non-finite steps: if it reaches 10, the last good checkpoint
-                # is left exactly as it was
-                if step % cfg.save_every == 0 and bad_steps == 0:
-                    save(tag_copy=True)
-                # a signal may reach the ranks at different steps: they all stop at the first one's
-                stopping = utils.any_rank(stop.requested)
-                if cfg.max_seconds > 0 and utils.any_rank(time.perf_counter() - train_start >= cfg.max_seconds):
-                    logger.log(f"--max-seconds {cfg.max_seconds:g} reached at step {step}")
-                    total_steps = step
-                if step >= total_steps or stopping:
-                    break
-            if samples_in_epoch + global_batch > len(train_set):  # no full step left in this epoch
-                end_epoch()
-                continue
-            break
-    pbar.close()
-    save(tag_copy=False)
-    if stopping:
-        logger.log(f"stopped at step {step}; checkpoint saved to {last_path}. "
-                   f"Resume with: python training_vqgan.py --out-dir {cfg.out_dir} --resume")
-    elif dinfo.is_main:
-        logger.image(save_reconstructions(shown, x_show, logger.results / "rec_final.png", amp), step)
-        logger.log(f"done: {step} steps; checkpoint {last_path}, grids and metrics in {logger.results}")
-    logger.close()
-    utils.cleanup_distributed()
+    epoch_counts = torch.zeros(cfg.num_codebook_vectors, dtype=torch.long, device=run.device)
+    with loop:
+        for x, _ in loop.batches(lambda epoch, start: make_loader(train_set, cfg, epoch, start, run.rank, run.world),
+                                 end_epoch):
+            t0 = time.perf_counter()
+            lr_scale = lr_factor(loop.step, loop.total_steps, cfg)
+            for opt, lr in ((opt_g, cfg.learning_rate), (opt_d, cfg.disc_learning_rate or cfg.learning_rate)):
+                for group in opt.param_groups:
+                    group["lr"] = lr * lr_scale
+            x = x.to(run.device, non_blocking=True)  # (K*B, 3, H, W): this rank's share of the step
+            # BatchNorm running stats change in the forward passes, before a non-finite step is
+            # known and skipped; kept here so a NaN batch can't leave NaN in them
+            disc_stats = [b.detach().clone() for b in disc_buffers]
+            g = generator_step(ddp_model, ddp_disc, perceptual, x, loop.step, cfg, opt_g, scaler_g, run.amp)
+            d = (discriminator_step(ddp_disc, x, g["x_rec"], opt_d, scaler_d, run.amp, cfg.disc_factor,
+                                    lecam, cfg.lecam_weight) if g["disc_on"] else {})
+            if ema is not None and g["finite"]:
+                trainer.ema_update(ema, model, cfg.weight_ema_decay)
+            if not g["finite"]:
+                with torch.no_grad():
+                    for b, kept in zip(disc_buffers, disc_stats):
+                        b.copy_(kept)
+            dt = loop.step_done(g["finite"], t0)
+            counts = torch.bincount(g["indices"].flatten(), minlength=cfg.num_codebook_vectors)
+            epoch_counts += counts
+            log_step(loop, cfg, g, d, counts, dt, cfg.learning_rate * lr_scale)
+            if loop.step % cfg.sample_every == 0 and run.is_main:
+                grid(f"rec_step{loop.step:07d}.png")
+                plots.update_plots(logger.results)
+            # no saves inside a run of non-finite steps: if it reaches 10, the last good checkpoint
+            # is left exactly as it was
+            if loop.step % cfg.save_every == 0 and loop.bad_steps == 0:
+                loop.save(tag_copy=True)
+    if loop.finish("training_vqgan.py"):
+        grid("rec_final.png")
+        logger.log(f"done: {loop.step} steps; checkpoint {last_path}, grids and metrics in {logger.results}")
+    trainer.close(logger)
     # the trained modules (unwrapped) are returned for callers such as tests; the checkpoint is the record
-    return {"step": step, "checkpoint": str(last_path), "model": model, "discriminator": disc, "ema": ema}
+    return {"step": loop.step, "checkpoint": str(last_path), "model": model, "discriminator": disc, "ema": ema}
+
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

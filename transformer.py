@@ -21,8 +21,11 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 
 import hub
+from checkpoints import load_checkpoint
+from cli import config_dict, dataclass_from_dict
 from mingpt import GPT, check_sampling, sample_next_token
-from vqgan import VQGAN, VQGANConfig
+from taming_compat import checkpoint_format, taming_transformer
+from vqgan import VQGAN, VQGANConfig, vqgan_from_state_dict
 
 
 @dataclass
@@ -187,9 +190,12 @@ class VQGANTransformer(nn.Module, PyTorchModelHubMixin, paper_url=hub.PAPER_URL,
     # ------------------------------------------------------------------------- sampling
 
     def _sample_tokens(self, start: torch.Tensor, uncond_start: torch.Tensor | None, prefix: torch.Tensor,
-                       cfg_scale: float, temperature: float, top_k, top_p, generator, use_cache: bool):
+                       cfg_scale: float, temperature: float, top_k, top_p, generator, use_cache: bool,
+                       decode_step=None):
         """Sample codes after start (B, 1) + prefix (B, n); with uncond_start (B, 1), cond and uncond run
-        as one doubled batch and their logits are mixed. Returns (B, h*w) codes with prefix kept."""
+        as one doubled batch and their logits are mixed. Returns (B, h*w) codes with prefix kept.
+        decode_step: the GPT's one-token step after the prefill (default gpt.decode_step; see
+        mingpt.compile_decode_step)."""
         B, n = prefix.shape
         T = self.num_tokens
         out = torch.empty(B, T, dtype=torch.long, device=prefix.device)  # (B, T)
@@ -203,14 +209,18 @@ class VQGANTransformer(nn.Module, PyTorchModelHubMixin, paper_url=hub.PAPER_URL,
         # change with every token added there: recompute until that prefix is complete, then fill the
         # cache once (GPT.generate refuses such prompts instead).
         n_unmasked, filled = self.gpt.config.n_unmasked, False
+        decode_step = decode_step or self.gpt.decode_step
         for i in range(n, T):
             if not use_cache or seq.shape[1] < n_unmasked:
                 logits = self.gpt(seq)[0][:, -1]  # (B', V): recomputes the whole prefix
             elif not filled:
                 logits = self.gpt.forward_cached(seq, cache, 0)[:, -1]  # prefill, (B', V)
                 filled = True
+                # position of the last token fed; the next one goes at pos + 1
+                pos = torch.full((1,), seq.shape[1] - 1, dtype=torch.long, device=prefix.device)
             else:
-                logits = self.gpt.forward_cached(seq[:, -1:], cache, seq.shape[1] - 1)[:, -1]  # (B', V)
+                pos += 1  # in place: no host-to-device copy per token
+                logits = decode_step(seq[:, -1:], cache, pos)  # (B', V)
             logits = logits[:, : self.sample_vocab].float()  # (B', K)
             if uncond_start is not None:
                 logits = guided_logits(logits[:B], logits[B:], cfg_scale)  # (B, K)
@@ -224,13 +234,14 @@ class VQGANTransformer(nn.Module, PyTorchModelHubMixin, paper_url=hub.PAPER_URL,
     def generate(self, num_samples: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, generator: torch.Generator | None = None,
                  labels=None, cfg_scale: float = 1.0, prefix: torch.Tensor | None = None,
-                 use_cache: bool = True) -> torch.Tensor:
+                 use_cache: bool = True, decode_step=None) -> torch.Tensor:
         """Sample num_samples code grids -> (B, h*w) int64 in raster order.
 
         prefix: (B, n) codes to keep as the first n tokens (completion). labels: (B,) class ids, or
         None for unconditional; with labels and cfg_scale != 1, classifier-free guidance.
         temperature 0 is greedy. seed makes a private generator; the global RNG is never touched.
         Settings out of range (mingpt.check_sampling), or cfg_scale != 1 without labels, raise ValueError.
+        decode_step: mingpt.compile_decode_step(model.gpt) for the compiled step (same tokens).
         """
         check_sampling(temperature, top_k, top_p, cfg_scale, labels_given=labels is not None)
         device = self.gpt.head.weight.device
@@ -253,7 +264,7 @@ class VQGANTransformer(nn.Module, PyTorchModelHubMixin, paper_url=hub.PAPER_URL,
         self.eval()
         try:
             return self._sample_tokens(start, uncond, prefix, cfg_scale, temperature, top_k, top_p,
-                                       generator, use_cache)
+                                       generator, use_cache, decode_step)
         finally:
             self.train(was_training)
 
@@ -322,7 +333,6 @@ def weights_digest(module: nn.Module) -> str:
 
 def model_dict(model: VQGANTransformer) -> dict:
     """What a transformer checkpoint needs to rebuild the model: both configs, all weights (VQGAN included)."""
-    from utils import config_dict
     return {
         "kind": "transformer",
         "transformer_config": config_dict(model.config),
@@ -336,8 +346,6 @@ def build_from_checkpoint(ckpt: dict, use_ema: bool = False) -> VQGANTransformer
     """A VQGANTransformer (on the CPU, weights loaded) from a dict written by model_dict; with use_ema,
     the EMA weights (`ema_model`, written by training_transformer.py with --weight-ema-decay) when the
     checkpoint has them."""
-    from utils import dataclass_from_dict
-
     vqgan = VQGAN(dataclass_from_dict(VQGANConfig, ckpt["vqgan_config"]))
     config = dataclass_from_dict(TransformerConfig, ckpt["transformer_config"])
     model = VQGANTransformer(vqgan, config, ckpt.get("class_names") or None)
@@ -349,8 +357,6 @@ def build_from_checkpoint(ckpt: dict, use_ema: bool = False) -> VQGANTransformer
 def from_taming_parts(parts) -> VQGANTransformer:
     """A taming-layout VQGANTransformer (CPU) from a mapped Net2NetTransformer checkpoint
     (taming_compat.TamingTransformer): its VQGAN and GPT weights, loaded strictly."""
-    from taming_compat import vqgan_from_state_dict
-
     g = parts.gpt_config
     config = TransformerConfig(n_layer=g["n_layer"], n_head=g["n_head"], n_embd=g["n_embd"],
                                embd_pdrop=g["embd_pdrop"], resid_pdrop=g["resid_pdrop"],
@@ -373,19 +379,17 @@ def load_transformer(path, device="cpu", config=None) -> VQGANTransformer:
     `VQGANTransformer.from_pretrained` (see hub.py); bad folders raise a one-line UserError.
 
     Raises:
-        utils.UserError: the file is missing, unreadable or not safe to unpickle, or a taming file (or
+        cli.UserError: the file is missing, unreadable or not safe to unpickle, or a taming file (or
             its YAML) describes a model this code can't build; the message names the problem.
         ValueError: the file is not a stage-two checkpoint (e.g. a stage-one one), or its configs
             describe an invalid token layout.
         RuntimeError: its weights don't fit its own configs (load_state_dict, strict).
     """
-    from taming_compat import checkpoint_format, read_checkpoint, taming_transformer
-
     if hub.is_pretrained(path):
         if config is not None:
             raise ValueError(f"{path} carries its own config.json; `config` is only for taming checkpoints")
         return hub.load_pretrained(VQGANTransformer, path, "transformer").to(device).eval().requires_grad_(False)
-    ckpt = read_checkpoint(path)  # weights_only, or the restricted unpickler for Lightning files
+    ckpt = load_checkpoint(path)  # weights_only, or the restricted unpickler for Lightning files
     if checkpoint_format(ckpt) == "taming_transformer":
         model = from_taming_parts(taming_transformer(ckpt, path, config))
         return model.to(device).eval().requires_grad_(False)

@@ -13,6 +13,9 @@ import torch.nn as nn
 from huggingface_hub import PyTorchModelHubMixin
 
 import hub
+import taming_compat
+from checkpoints import load_checkpoint
+from cli import UserError, dataclass_from_dict
 from codebook import Codebook
 from decoder import Decoder
 from encoder import Encoder
@@ -162,23 +165,20 @@ def load_vqgan(path, device="cpu", config=None) -> VQGAN:
     `VQGAN.from_pretrained` (see hub.py); bad folders raise a one-line UserError.
 
     Raises:
-        utils.UserError: the file is missing, unreadable or not safe to unpickle, or a taming file (or
+        cli.UserError: the file is missing, unreadable or not safe to unpickle, or a taming file (or
             its YAML) describes a model this code can't build; the message names the problem.
         ValueError: the file is not a stage-one checkpoint (e.g. a stage-two one), or `config` is given
             for one of ours, which carries its own.
         RuntimeError: its weights don't fit its own model_config (load_state_dict, strict).
     """
-    import taming_compat  # local import: taming_compat imports this module
-    from utils import dataclass_from_dict
-
     if hub.is_pretrained(path):
         if config is not None:
             raise ValueError(f"{path} carries its own config.json; `config` is only for taming checkpoints")
         return hub.load_pretrained(VQGAN, path, "vqgan").to(device).eval().requires_grad_(False)
-    ckpt = taming_compat.read_checkpoint(path)  # never runs code from the file
+    ckpt = load_checkpoint(path)  # never runs code from the file
     if taming_compat.checkpoint_format(ckpt) in ("taming_vqgan", "taming_transformer"):
         t = taming_compat.taming_vqgan(ckpt, path, config)
-        model = taming_compat.vqgan_from_state_dict(t.config, t.state_dict)
+        model = vqgan_from_state_dict(t.config, t.state_dict)
     else:
         if config is not None:
             raise ValueError(f"{path} carries its own model_config; `config` is only for taming checkpoints")
@@ -191,3 +191,44 @@ def load_vqgan(path, device="cpu", config=None) -> VQGAN:
         model.load_state_dict(state, strict=True)
     model.to(device).eval().requires_grad_(False)
     return model
+
+
+def vqgan_from_state_dict(config: VQGANConfig | dict, sd: dict, device="cpu") -> VQGAN:
+    """A VQGAN built on the meta device and given the weights of `sd` (a converted taming state dict):
+    no random init. `config` may be VQGANConfig fields as a dict (what taming_compat returns). Raises
+    UserError unless `sd` has exactly the model's keys and shapes (taming_compat.check_state_dict)."""
+    config = config if isinstance(config, VQGANConfig) else VQGANConfig(**config)
+    with torch.device("meta"):
+        model = VQGAN(config)
+    taming_compat.check_state_dict(model.state_dict(), sd)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
+                          strict=True, assign=True)
+    return model.to(device)
+
+
+def own_vqgan_config(ckpt: dict, path) -> VQGANConfig:
+    """The VQGANConfig stored in one of our stage-one checkpoints."""
+    if ckpt.get("kind") != "vqgan" or "model_config" not in ckpt:
+        raise UserError(f"{path} is not a stage-one VQGAN checkpoint (kind: {ckpt.get('kind', 'unknown')}); "
+                        "pass the file written by training_vqgan.py (checkpoints/vqgan_last.pt)")
+    return dataclass_from_dict(VQGANConfig, ckpt["model_config"])
+
+
+def load_any_vqgan_for_finetune(path, config=None) -> tuple[VQGANConfig, dict, dict | None]:
+    """(VQGANConfig, model state dict, discriminator state dict or None) from our checkpoint, our
+    .safetensors, a taming/latent-diffusion one, or a save_pretrained folder / Hub repo id (no
+    discriminator), to initialise training (weights only, no optimiser state). `config`: the taming YAML
+    (path or dict); ours carry their own. Raises UserError for a file it can't use."""
+    if hub.is_pretrained(path):
+        if config is not None:
+            raise UserError(f"{path} carries its own config.json; drop the taming config")
+        model = hub.load_pretrained(VQGAN, path, "vqgan")
+        return model.config, model.state_dict(), None
+    ckpt = load_checkpoint(path)
+    if taming_compat.checkpoint_format(ckpt) == "ours":
+        if config is not None:
+            raise UserError(f"{path} is one of our checkpoints and carries its own config; drop the config")
+        return own_vqgan_config(ckpt, path), ckpt["model"], ckpt.get("discriminator")
+    t = taming_compat.taming_vqgan(ckpt, path, config)
+    model = vqgan_from_state_dict(t.config, t.state_dict)  # checks the weights against the architecture
+    return model.config, t.state_dict, t.discriminator_state_dict

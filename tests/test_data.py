@@ -2,14 +2,16 @@
 turn bad after the scan replaced, an unusable folder a one-line error."""
 
 import io
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import cli
+import data
 import training_vqgan
-import utils
 
 
 def save(img, path, **kw):
@@ -63,8 +65,8 @@ def bad_files(root):
     bad[root / "empty.jpg"] = "empty"
     (root / "notes.png").write_text("not an image at all\n")
     bad[root / "notes.png"] = "not an image"
-    data = jpeg_bytes()
-    (root / "cut.jpg").write_bytes(data[: len(data) // 2])
+    raw = jpeg_bytes()
+    (root / "cut.jpg").write_bytes(raw[: len(raw) // 2])
     bad[root / "cut.jpg"] = "truncated"
     png = io.BytesIO()
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(png, "PNG")
@@ -96,22 +98,22 @@ def messy(tmp_path, monkeypatch):
 
 def test_scan_keeps_every_usable_kind_and_skips_bad_files_with_one_warning(messy, capsys):
     root, good, bad = messy
-    files = utils.find_images(root)
+    files = data.find_images(root)
     assert sorted(files) == sorted(good)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert f"skipped {len(bad)} of {len(good) + len(bad)}" in err[0]
     assert "and 2 more" in err[0]  # the first five are named
     for p, why in bad.items():
-        reason = utils.check_image(p)
+        reason = data.check_image(p)
         assert reason is not None and why in reason, (p, reason)
-    assert "VQGAN_MAX_IMAGE_PIXELS" in utils.check_image(root / "huge.png")  # names the way out
+    assert "VQGAN_MAX_IMAGE_PIXELS" in data.check_image(root / "huge.png")  # names the way out
 
 
 def test_every_mode_is_converted_right(messy):
     _, good, _ = messy
     for path, colour in good.items():
-        img = utils.load_image(path)
+        img = data.load_image(path)
         assert img.mode == "RGB", path
         px = np.asarray(img).astype(int)
         if colour == "rotated":
@@ -132,24 +134,24 @@ def test_every_mode_is_converted_right(messy):
     ("YCbCr", (255, 128, 128), (255, 255, 255)),
 ])
 def test_to_rgb_modes(mode, value, rgb):
-    out = utils.to_rgb(Image.new(mode, (4, 4), value))
+    out = data.to_rgb(Image.new(mode, (4, 4), value))
     assert out.mode == "RGB"
     assert np.abs(np.asarray(out)[0, 0].astype(int) - np.array(rgb)).max() <= 2
 
 
 def test_dataset_upscales_small_images_and_replaces_files_that_turn_bad(messy, capsys):
     root, good, _ = messy
-    files = utils.find_images(root)
+    files = data.find_images(root)
     capsys.readouterr()
-    ds = utils.ImageDataset(files, 32, train=True)
+    ds = data.ImageDataset(files, 32, train=True)
     for i in range(len(ds)):
         x, _ = ds[(i, i)]
         assert x.shape == (3, 32, 32) and torch.isfinite(x).all() and -1 <= x.min() and x.max() <= 1
     assert ds.num_failed == 0
     # two files go bad after the scan: one truncated, one deleted
     i_small = files.index(root / "small.png")
-    data = (root / "small.png").read_bytes()
-    (root / "small.png").write_bytes(data[:20])
+    raw = (root / "small.png").read_bytes()
+    (root / "small.png").write_bytes(raw[:20])
     i_gif = files.index(root / "anim.gif")
     (root / "anim.gif").unlink()
     x, _ = ds[(i_small, 0)]
@@ -161,30 +163,90 @@ def test_dataset_upscales_small_images_and_replaces_files_that_turn_bad(messy, c
     assert len(err) == 2 and "small.png" in err[0] and "anim.gif" in err[1]
     assert "using" in err[0] and "(1 failed loads in process" in err[0] and "(2 failed loads" in err[1]
     # the replacement is the next file, so the sample is that file's
-    nxt = utils.ImageDataset([files[i_small + 1]], 32, train=True)[(0, 0)][0]
+    nxt = data.ImageDataset([files[i_small + 1]], 32, train=True)[(0, 0)][0]
     assert torch.equal(x, nxt)
 
 
 def test_progress_bar_on_large_folders(tmp_path, monkeypatch, capsys):
     for i in range(5):
         save(Image.new("RGB", (8, 8)), tmp_path / f"{i}.png")
-    monkeypatch.setattr(utils, "SCAN_PROGRESS_MIN_FILES", 4)
-    assert len(utils.find_images(tmp_path)) == 5
+    monkeypatch.setattr(data, "SCAN_PROGRESS_MIN_FILES", 4)
+    assert len(data.find_images(tmp_path)) == 5
     assert "scanning images" in capsys.readouterr().err
-    monkeypatch.setattr(utils, "SCAN_PROGRESS_MIN_FILES", 5)
-    utils.find_images(tmp_path)
+    monkeypatch.setattr(data, "SCAN_PROGRESS_MIN_FILES", 5)
+    data.find_images(tmp_path)
     assert "scanning images" not in capsys.readouterr().err
 
 
 def test_folder_without_a_usable_image_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "a.jpg").write_bytes(b"")
     (tmp_path / "b.png").write_text("hello")
-    data = jpeg_bytes()
-    (tmp_path / "c.jpg").write_bytes(data[:100])
+    raw = jpeg_bytes()
+    (tmp_path / "c.jpg").write_bytes(raw[:100])
     with pytest.raises(SystemExit) as e:
-        utils.run_main(training_vqgan.main, ["--preset", "tiny", "--perceptual-loss-factor", "0",
+        cli.run_main(training_vqgan.main, ["--preset", "tiny", "--perceptual-loss-factor", "0",
                                              "--dataset-path", str(tmp_path), "--out-dir", str(tmp_path / "o")])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no usable image" in err and "empty file" in err
     assert "Traceback" not in err
+
+
+def counting_checker(monkeypatch):
+    """Wrap data.check_image so a test can see which files were vetted."""
+    seen, real = [], data.check_image
+    monkeypatch.setattr(data, "check_image", lambda p: seen.append(p.name) or real(p))
+    return seen
+
+
+def test_scan_cache_reuses_verdicts_and_follows_added_removed_and_changed_files(messy, monkeypatch, capsys):
+    root, good, bad = messy
+    cache = root.parent / "run" / "cache" / "file_scan.json"
+    seen = counting_checker(monkeypatch)
+    first = data.find_images(root, cache_file=cache)
+    assert sorted(first) == sorted(good) and len(seen) == len(good) + len(bad) and cache.exists()
+    warning = capsys.readouterr().err
+    # nothing changed: the same list and the same warning, and no file is opened
+    seen.clear()
+    assert data.find_images(root, cache_file=cache) == first and seen == []
+    assert capsys.readouterr().err == warning
+    # added (good and bad), removed, and changed: truncated with its mtime restored (the size tells),
+    # overwritten with as many zero bytes and its mtime restored (the ctime tells), and an empty file
+    # replaced by a good image -> only those are vetted again
+    save(Image.new("RGB", (20, 20)), root / "sub" / "new.png")
+    (root / "new_bad.jpg").write_bytes(b"junk")
+    (root / "gray.jpg").unlink()
+    for name, damage in (("rgba.png", lambda d: d[:30]), ("palette.png", lambda d: bytes(len(d)))):
+        st = (root / name).stat()
+        (root / name).write_bytes(damage((root / name).read_bytes()))
+        os.utime(root / name, ns=(st.st_atime_ns, st.st_mtime_ns))
+    save(Image.new("RGB", (20, 20)), root / "empty.jpg")
+    seen.clear()
+    files = data.find_images(root, cache_file=cache)
+    assert sorted(seen) == ["empty.jpg", "new.png", "new_bad.jpg", "palette.png", "rgba.png"]
+    expected = set(good) - {root / "gray.jpg", root / "rgba.png", root / "palette.png"}
+    assert sorted(files) == sorted(expected | {root / "sub" / "new.png", root / "empty.jpg"})
+    # the cache matches a full scan without it
+    seen.clear()
+    assert data.find_images(root) == files and len(seen) > 0
+
+
+def test_scan_cache_ignores_another_root_a_new_size_limit_and_a_broken_file(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root in (a, b):
+        save(Image.new("RGB", (8, 8)), root / "x.png")
+    cache = tmp_path / "file_scan.json"
+    seen = counting_checker(monkeypatch)
+    data.find_images(a, cache_file=cache)
+    data.find_images(b, cache_file=cache)  # same names, another folder: vetted again
+    assert seen == ["x.png", "x.png"]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # verdicts depend on Pillow's limit
+    with pytest.raises(cli.UserError, match="decompression-bomb"):
+        data.find_images(b, cache_file=cache)
+    cache.write_text("{not json")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    seen.clear()
+    assert data.find_images(b, cache_file=cache) == [b / "x.png"] and seen == ["x.png"]
+    seen.clear()
+    data.find_images(b, cache_file=cache)
+    assert seen == []

@@ -10,10 +10,12 @@ import torch
 import torch.nn as nn
 from scipy import linalg, ndimage
 
+import checkpoints
+import cli
 import evaluate
 import training_vqgan
-import utils
 from codebook import codebook_stats
+from data import DEMO_DATA, find_images
 
 
 # ----------------------------------------------------------------------------- PSNR, SSIM
@@ -215,7 +217,7 @@ def tiny_run(tmp_path_factory):
                          "--perceptual-loss-factor", "0"])
     data = root / "data"
     data.mkdir()
-    for f in utils.find_images(utils.DEMO_DATA)[:6]:
+    for f in find_images(DEMO_DATA)[:6]:
         shutil.copy(f, data / f.name)
     return root / "run" / "checkpoints" / "vqgan_last.pt", data
 
@@ -266,7 +268,7 @@ def test_evaluate_gfid_from_a_transformer(tiny_run, tiny_features, tmp_path):
     torch.manual_seed(0)
     tr = VQGANTransformer(load_vqgan(ckpt), TransformerConfig(n_layer=1, n_head=1, n_embd=16))
     tr_path = tmp_path / "transformer.pt"
-    utils.save_checkpoint(model_dict(tr), tr_path)
+    checkpoints.save_checkpoint(model_dict(tr), tr_path)
     out = tmp_path / "eval.json"
     evaluate.main(["--checkpoint-path", str(ckpt), "--dataset-path", str(data), "--json", str(out),
                    "--num-workers", "0", "--no-lpips", "--kid-subsets", "5", "--fid-cache-dir", "",
@@ -285,7 +287,7 @@ def test_user_errors_are_one_line_and_exit_2(tiny_run, capsys, args, match):
     ckpt, data = tiny_run
     args = [str(ckpt) if a == "CKPT" else str(data) if a == "DATA" else a for a in args]
     with pytest.raises(SystemExit) as e:
-        utils.run_main(evaluate.main, args + ["--fid", "off", "--no-lpips"])
+        cli.run_main(evaluate.main, args + ["--fid", "off", "--no-lpips"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and match in err and "\n" not in err
@@ -358,7 +360,7 @@ def test_reference_features_are_cached_and_invalidated_when_the_folder_changes(t
     net = CountingFeatures()
 
     def features(size=16):
-        files = utils.find_images(data)
+        files = find_images(data)
         return evaluate.folder_features(data, files, size, net, "cpu", batch_size=4, cache_dir=str(cache))
 
     first, how = features()
@@ -383,7 +385,7 @@ def test_reference_features_are_cached_and_invalidated_when_the_folder_changes(t
     for f in cache.glob("*.npz"):  # a damaged cache file is recomputed, not an error
         f.write_bytes(b"garbage")
     assert features()[1].startswith("computed") and net.seen == 38
-    assert evaluate.folder_features(data, utils.find_images(data), 16, net, "cpu", cache_dir="")[1] == \
+    assert evaluate.folder_features(data, find_images(data), 16, net, "cpu", cache_dir="")[1] == \
         "computed (no cache)"
 
 
@@ -397,7 +399,7 @@ def conditional_transformer(tiny_run, tmp_path):
     tr = VQGANTransformer(load_vqgan(ckpt), TransformerConfig(n_layer=1, n_head=1, n_embd=16, num_classes=2),
                           ["a", "b"])
     path = tmp_path / "cond.pt"
-    utils.save_checkpoint(model_dict(tr), path)
+    checkpoints.save_checkpoint(model_dict(tr), path)
     return path
 
 
@@ -444,10 +446,10 @@ def test_generation_flag_errors_are_one_line(tiny_run, tmp_path, capsys, extra, 
 
     ckpt, data = tiny_run
     tr_path = tmp_path / "uncond.pt"
-    utils.save_checkpoint(model_dict(VQGANTransformer(load_vqgan(ckpt), TransformerConfig(n_layer=1, n_head=1,
+    checkpoints.save_checkpoint(model_dict(VQGANTransformer(load_vqgan(ckpt), TransformerConfig(n_layer=1, n_head=1,
                                                                                           n_embd=16))), tr_path)
     with pytest.raises(SystemExit) as e:
-        utils.run_main(evaluate.main, ["--checkpoint-path", str(ckpt), "--dataset-path", str(data), "--fid", "off",
+        cli.run_main(evaluate.main, ["--checkpoint-path", str(ckpt), "--dataset-path", str(data), "--fid", "off",
                                        "--no-lpips", "--num-workers", "0", "--transformer-path", str(tr_path)] + extra)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error:") and match in err and "\n" not in err

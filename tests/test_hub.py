@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
+import cli
 import convert_checkpoint
 import sample_transformer
 import training_vqgan
-import utils
+from cli import UserError
 from test_taming_compat import PlantMarker, tiny_taming_sd, vq_yaml, write_run
 from test_taming_transformer import make_run
 from transformer import TransformerConfig, VQGANTransformer, load_transformer, model_dict
-from utils import UserError
 from vqgan import VQGAN, config_from_preset, load_vqgan
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
@@ -144,7 +145,7 @@ def test_our_checkpoint_converted_with_its_ema_weights(tmp_path):
     ema = copy.deepcopy(model)
     with torch.no_grad():
         ema.gpt.head.weight.add_(1.0)
-    utils.save_checkpoint({**model_dict(model), "ema_model": ema.state_dict()}, tmp_path / "t.pt")
+    checkpoints.save_checkpoint({**model_dict(model), "ema_model": ema.state_dict()}, tmp_path / "t.pt")
     convert_checkpoint.main([str(tmp_path / "t.pt"), "--hf-dir", str(tmp_path / "hf")])
     assert_same_state(ema, load_transformer(tmp_path / "hf"))  # what load_transformer(t.pt) gives too
 
@@ -242,7 +243,7 @@ def test_scripts_exit_2_on_a_bad_folder(tmp_path, capsys):
     tiny_transformer().save_pretrained(tmp_path / "t")
     (tmp_path / "t" / "model.safetensors").unlink()
     with pytest.raises(SystemExit) as e:
-        utils.run_main(sample_transformer.main, ["--transformer-path", str(tmp_path / "t"), "--out-dir",
+        cli.run_main(sample_transformer.main, ["--transformer-path", str(tmp_path / "t"), "--out-dir",
                                                  str(tmp_path / "samples")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "model.safetensors is missing" in err and len(err.strip().splitlines()) == 1

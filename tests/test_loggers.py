@@ -5,12 +5,12 @@ import shutil
 
 import pytest
 
+import cli
 import convert_checkpoint
 import loggers
 import training_transformer
 import training_vqgan
-import utils
-from utils import UserError
+from cli import UserError
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -94,19 +94,19 @@ def test_transformer_logs_to_its_own_tensorboard_folder(stage_one, tmp_path):
 
 
 def test_logger_flag_is_repeatable_and_takes_comma_lists():
-    cfg, _ = utils.parse_config(training_vqgan.TrainConfig, ["--logger", "tensorboard", "--logger", "wandb,none"],
+    cfg, _ = cli.parse_config(training_vqgan.TrainConfig, ["--logger", "tensorboard", "--logger", "wandb,none"],
                                 training_vqgan.TRAIN_PRESETS)
     assert list(cfg.logger) == ["tensorboard", "wandb,none"]
     assert loggers.parse_names(["tensorboard", "none"]) == ["tensorboard"]
     assert loggers.parse_names("TensorBoard, tensorboard") == ["tensorboard"]
     assert loggers.parse_names(()) == [] and loggers.parse_names(["none"]) == []
-    default, _ = utils.parse_config(training_transformer.TrainConfig, [], training_transformer.TRAIN_PRESETS)
+    default, _ = cli.parse_config(training_transformer.TrainConfig, [], training_transformer.TRAIN_PRESETS)
     assert loggers.parse_names(default.logger) == []
 
 
 def test_bad_logger_is_a_one_line_error_before_any_work(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
-        utils.run_main(training_vqgan.main, VQ + ["--out-dir", str(tmp_path), "--logger", "mlflow"])
+        cli.run_main(training_vqgan.main, VQ + ["--out-dir", str(tmp_path), "--logger", "mlflow"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--logger 'mlflow'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "results").exists()  # refused before the run folder was touched
@@ -116,7 +116,7 @@ def test_bad_logger_is_a_one_line_error_before_any_work(tmp_path, capsys, monkey
     with pytest.raises(UserError, match="pip install wandb"):
         loggers.parse_names(["tensorboard,wandb"])
     with pytest.raises(SystemExit) as e:
-        utils.run_main(training_transformer.main, ["--out-dir", str(tmp_path), "--logger", "wandb"])
+        cli.run_main(training_transformer.main, ["--out-dir", str(tmp_path), "--logger", "wandb"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "pip install wandb" in err and len(err.strip().splitlines()) == 1
 

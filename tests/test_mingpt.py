@@ -13,6 +13,7 @@ from mingpt import (  # noqa: E402
     GPT,
     GPT_PRESETS,
     GPTConfig,
+    compile_decode_step,
     sample_next_token,
     strip_taming_gpt_keys,
     top_k_top_p_filter,
@@ -117,6 +118,59 @@ def test_cached_logits_match_full_forward(n_unmasked):
         n = prompt + steps - 3  # a chunk of 3 after a cached prefix (explicit-mask path)
         chunk = model.forward_cached(seq[:, n:], cache, n)
         torch.testing.assert_close(chunk, model(seq)[0][:, n:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n_unmasked", [0, 3])
+def test_static_decode_step_matches_full_forward(n_unmasked):
+    model = tiny_gpt(n_unmasked=n_unmasked)
+    B, prompt, total = 2, 4, 16
+    seq = torch.randint(0, VOCAB, (B, total))
+    cache = model.allocate_cache(B, total)
+    with torch.no_grad():
+        model.forward_cached(seq[:, :prompt], cache, 0)
+        for n in range(prompt, total):
+            step = model.decode_step(seq[:, n : n + 1], cache, torch.tensor([n]))  # (B, V)
+            assert step.shape == (B, VOCAB)
+            torch.testing.assert_close(step, model(seq[:, : n + 1])[0][:, -1], atol=1e-5, rtol=0)
+    assert all(torch.isfinite(k).all() and torch.isfinite(v).all() for k, v in cache)
+
+
+def sharp_gpt():
+    """A tiny GPT with large weights, so its next-token distributions are far from uniform."""
+    model = tiny_gpt()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(std=0.3, generator=torch.Generator().manual_seed(p.numel()))
+    return model
+
+
+# Sampled with the sampler before the static cache (commit aaf38b8: forward_cached slicing the cache
+# to pos + 1 keys) on the same weights and seed; the static step must reproduce them exactly.
+PINNED_TOKENS = [
+    [1, 41, 41, 48, 41, 47, 47, 53, 46, 47, 29, 17, 56, 56, 29, 41, 37, 17, 17, 62, 41, 37, 62, 41, 29, 16, 11, 41,
+     37, 41, 57, 53],
+    [2, 60, 53, 46, 34, 47, 37, 23, 57, 41, 12, 49, 53, 39, 29, 7, 25, 20, 61, 47, 56, 29, 44, 40, 25, 41, 47, 25,
+     37, 41, 21, 40],
+]
+
+
+def test_static_cache_reproduces_the_earlier_sampler_and_full_recompute():
+    model = sharp_gpt()
+    start = torch.tensor([[1], [2]])
+    sample = lambda **kw: model.generate(start, BLOCK - 1, top_k=10, generator=torch.Generator().manual_seed(0), **kw)
+    cached = sample()
+    assert cached.tolist() == PINNED_TOKENS
+    assert torch.equal(cached, sample(use_cache=False))
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_samples_the_same_tokens():
+    """Inductor on the CPU (frozen weights, oneDNN matmuls): different kernels, the same tokens."""
+    model = sharp_gpt()
+    start = torch.tensor([[1], [2]])
+    sample = lambda **kw: model.generate(start, BLOCK - 1, top_k=10, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(sample(decode_step=compile_decode_step(model)), sample())
 
 
 def test_generate_cached_steps_match_uncached_logits():

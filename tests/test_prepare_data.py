@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import prepare_data
 import sample_transformer
 import training_transformer
 import training_vqgan
-import utils
+from data import find_images
 from transformer import load_transformer
 
 CLASS_DIRS = ["0_t_shirt_top", "1_trouser", "2_pullover", "3_dress", "4_coat", "5_sandal", "6_shirt",
@@ -65,7 +66,7 @@ def test_builds_the_class_folder_tree(tmp_path):
     info = run(["--out", str(out), "--raw-dir", str(raw)])
     for split, n in (("train", 30), ("test", 20)):
         assert sorted(p.name for p in (out / split).iterdir()) == CLASS_DIRS
-        files = utils.find_images(out / split)
+        files = find_images(out / split)
         assert len(files) == n
         # every image sits in the folder of its label, with its pixels unchanged
         images, labels = data["train" if split == "train" else "t10k"]
@@ -83,9 +84,9 @@ def test_max_per_class_and_torchvision_layout(tmp_path):
     out = tmp_path / "fm"
     info = run(["--out", str(out), "--raw-dir", str(raw), "--max-per-class", "2", "--max-test-per-class", "1"])
     assert set(info["per_class"]["train"].values()) == {2} and set(info["per_class"]["test"].values()) == {1}
-    assert len(utils.find_images(out / "train")) == 20 and len(utils.find_images(out / "test")) == 10
+    assert len(find_images(out / "train")) == 20 and len(find_images(out / "test")) == 10
     # the first images of each class in file order: train indices 0..19 (labels cycle 0..9)
-    assert sorted(int(p.stem) for p in utils.find_images(out / "train")) == list(range(20))
+    assert sorted(int(p.stem) for p in find_images(out / "train")) == list(range(20))
 
 
 def test_the_tree_trains_both_stages_and_samples_one_row_per_class(tmp_path):
@@ -119,7 +120,7 @@ def test_samples_per_class_needs_a_conditional_model(tmp_path, capsys):
                          "--perceptual-loss-factor", "0"])
     training_transformer.main(["--preset", "tiny", "--out-dir", str(run_dir), "--max-steps", "1"])
     with pytest.raises(SystemExit) as e:
-        utils.run_main(sample_transformer.main, ["--transformer-path", str(run_dir / "checkpoints" /
+        cli.run_main(sample_transformer.main, ["--transformer-path", str(run_dir / "checkpoints" /
                                                  "transformer_last.pt"), "--samples-per-class", "2"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "class-conditional" in err and "\n" not in err
@@ -159,7 +160,7 @@ def test_bad_raw_files_are_one_line_errors(tmp_path, capsys, how, match):
     corrupt(raw, how)
     out = tmp_path / "fm"
     with pytest.raises(SystemExit) as e:
-        utils.run_main(prepare_data.main, ["fashion-mnist", "--out", str(out), "--raw-dir", str(raw)])
+        cli.run_main(prepare_data.main, ["fashion-mnist", "--out", str(out), "--raw-dir", str(raw)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error:") and match in err and "\n" not in err
     assert not (out / "train").exists()  # nothing half-written
@@ -178,7 +179,7 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys, args, match):
     (existing / "train").mkdir(parents=True)
     subst = {"RAW": str(raw), "OUT": str(tmp_path / "fm"), "EXISTING": str(existing)}
     with pytest.raises(SystemExit) as e:
-        utils.run_main(prepare_data.main, ["fashion-mnist"] + [subst.get(a, a) for a in args])
+        cli.run_main(prepare_data.main, ["fashion-mnist"] + [subst.get(a, a) for a in args])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error:") and match in err and "\n" not in err
 
@@ -189,5 +190,5 @@ def test_overwrite_replaces_the_tree(tmp_path):
     out = tmp_path / "fm"
     run(["--out", str(out), "--raw-dir", str(raw)])
     run(["--out", str(out), "--raw-dir", str(raw), "--overwrite", "--max-per-class", "1"])
-    assert len(utils.find_images(out / "train")) == 10  # no files left over from the first run
+    assert len(find_images(out / "train")) == 10  # no files left over from the first run
     assert torch.tensor([len(list((out / "test" / d).iterdir())) for d in CLASS_DIRS]).eq(1).all()

@@ -15,12 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
+import cli
+import devices
 import evaluate
 import sample_transformer
+import trainer
 import training_transformer as tt
 import training_vqgan as tv
-import utils
 from codebook import Codebook
+from data import DEMO_DATA
 from transformer import TransformerConfig, VQGANTransformer, load_transformer
 from vqgan import VQGAN, config_from_preset, load_vqgan
 
@@ -48,7 +52,7 @@ def metrics(out, stage):
 def fails(main, argv, capsys) -> str:
     """Run a script's main as its __main__ does; assert exit code 2 and one line; return that line."""
     with pytest.raises(SystemExit) as e:
-        utils.run_main(main, argv)
+        cli.run_main(main, argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -83,7 +87,7 @@ def sigterm_after_first_step(script, args, out, stage) -> int:
     assert proc.returncode == 0, output
     assert "SIGTERM received" in output
     assert f"Resume with: python {script} --out-dir {out} --resume" in output
-    step = utils.load_checkpoint(out / "checkpoints" / f"{stage}_last.pt")["step"]
+    step = checkpoints.load_checkpoint(out / "checkpoints" / f"{stage}_last.pt")["step"]
     assert step >= 1 and [r["step"] for r in metrics(out, stage)] == list(range(1, step + 1))
     return step
 
@@ -114,7 +118,7 @@ def test_sigterm_then_resume_equals_an_unbroken_run_transformer(runs, tmp_path):
 
 
 def test_stop_flag_first_signal_asks_second_ctrl_c_quits(capsys):
-    with tv.StopFlag() as stop:
+    with trainer.StopFlag() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested  # the step finishes; the loop then saves and exits
         with pytest.raises(KeyboardInterrupt):
@@ -156,11 +160,11 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path)
     proc.communicate(timeout=30)
     partial = list(last.parent.glob(".vqgan_last.pt.tmp*"))
     assert len(partial) == 1 and partial[0].stat().st_size > 0  # the kill landed mid-write
-    ckpt = utils.load_checkpoint(last)
+    ckpt = checkpoints.load_checkpoint(last)
     assert ckpt["step"] == 2  # the previous save (save_every 2), whole
     load_vqgan(last)
     tv.main(["--out-dir", str(out), "--resume", "--max-steps", "3"])
-    assert utils.load_checkpoint(last)["step"] == 3
+    assert checkpoints.load_checkpoint(last)["step"] == 3
     assert not partial[0].exists()  # the dead process's temp file is cleaned up by the next save
 
 
@@ -185,7 +189,7 @@ def test_a_nan_batch_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
     assert "step 3: non-finite loss or gradient, update skipped (1 in a row)" in (tmp_path / "log.txt").read_text()
     losses = [r["loss"] for r in metrics(tmp_path, "vqgan")]
     assert math.isnan(losses[2]) and all(math.isfinite(v) for i, v in enumerate(losses) if i != 2)
-    ckpt = utils.load_checkpoint(tmp_path / "checkpoints" / "vqgan_last.pt")
+    ckpt = checkpoints.load_checkpoint(tmp_path / "checkpoints" / "vqgan_last.pt")
     for part in ("model", "discriminator"):
         assert all(torch.isfinite(t).all() for t in ckpt[part].values() if t.is_floating_point()), part
 
@@ -193,13 +197,13 @@ def test_a_nan_batch_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
 def test_ten_nan_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     nan_batches(monkeypatch, set(range(4, 1000)))
     saved = []
-    real_save = utils.save_checkpoint
-    monkeypatch.setattr(utils, "save_checkpoint", lambda obj, path: (saved.append(obj["step"]), real_save(obj, path)))
+    real_save = checkpoints.save_checkpoint
+    monkeypatch.setattr(checkpoints, "save_checkpoint", lambda obj, path: (saved.append(obj["step"]), real_save(obj, path)))
     err = fails(tv.main, VQ + ["--out-dir", str(tmp_path), "--epochs", "0", "--max-steps", "40"], capsys)
     assert "10 consecutive non-finite steps" in err and "untouched" in err and "--learning-rate" in err
     assert max(saved) == 4  # nothing written during the bad run (steps 5..14)
     last = tmp_path / "checkpoints" / "vqgan_last.pt"
-    assert utils.load_checkpoint(last)["step"] == 4
+    assert checkpoints.load_checkpoint(last)["step"] == 4
     assert "step 14: non-finite loss or gradient, update skipped (10 in a row)" in (tmp_path / "log.txt").read_text()
 
 
@@ -216,7 +220,7 @@ def test_ten_nan_steps_stop_stage_two(runs, tmp_path, monkeypatch, capsys):
     err = fails(tt.main, GPT + ["--vqgan-path", str(runs[0]), "--out-dir", str(tmp_path), "--max-steps", "60",
                                 "--epochs", "5"], capsys)
     assert "10 consecutive non-finite steps" in err
-    ckpt = utils.load_checkpoint(tmp_path / "checkpoints" / "transformer_last.pt")
+    ckpt = checkpoints.load_checkpoint(tmp_path / "checkpoints" / "transformer_last.pt")
     assert ckpt["step"] == 18  # the epoch-end save before the bad run
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
 
@@ -241,7 +245,7 @@ def test_reduced_precision_end_to_end(tmp_path, precision):
     tv.main(VQ + ["--out-dir", str(tmp_path), "--max-steps", "2", "--precision", precision, "--sample-every", "100",
                   "--disc-start", "100"])
     assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path, "vqgan"))
-    scaler = utils.load_checkpoint(tmp_path / "checkpoints" / "vqgan_last.pt")["scaler_g"]
+    scaler = checkpoints.load_checkpoint(tmp_path / "checkpoints" / "vqgan_last.pt")["scaler_g"]
     assert (scaler.get("scale") == 65536.0) if precision == "fp16" else scaler == {}
 
 
@@ -252,7 +256,7 @@ def test_fp16_grad_scaler_in_stage_two_steps():
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     codes = torch.randint(0, 64, (2, 256))
     for _ in range(2):
-        r = tt.train_step(model, codes, None, opt, scaler, utils.autocast(torch.device("cpu"), "fp16"), 1.0)
+        r = tt.train_step(model, codes, None, opt, scaler, devices.autocast(torch.device("cpu"), "fp16"), 1.0)
         assert r["finite"] and math.isfinite(r["loss"].item())
     assert scaler.get_scale() == 65536.0
 
@@ -295,7 +299,7 @@ def test_finetune_flags_that_contradict_the_checkpoint(runs, tmp_path, capsys):
 def test_batch_larger_than_the_data_set(runs, tmp_path, capsys):
     data = tmp_path / "three"
     data.mkdir()
-    for p in sorted(utils.DEMO_DATA.glob("*.jpg"))[:3]:
+    for p in sorted(DEMO_DATA.glob("*.jpg"))[:3]:
         (data / p.name).write_bytes(p.read_bytes())
     err = fails(tv.main, VQ + ["--dataset-path", str(data), "--out-dir", str(tmp_path / "a")], capsys)
     assert "--batch-size 4 is larger than the 2 training images" in err
@@ -321,8 +325,8 @@ def test_malicious_pickles_are_refused(tmp_path, capsys):
     with open(legacy, "wb") as f:
         pickle.dump({"kind": "vqgan", "model": Exploit(marker)}, f, protocol=2)
     for path in (zipped, legacy):
-        for load in (utils.load_checkpoint, load_vqgan, load_transformer):
-            with pytest.raises(utils.UserError, match="safely|refusing"):
+        for load in (checkpoints.load_checkpoint, load_vqgan, load_transformer):
+            with pytest.raises(cli.UserError, match="safely|refusing"):
                 load(path)
         fails(tv.main, VQ + ["--checkpoint-path", str(path), "--out-dir", str(tmp_path / "o")], capsys)
         fails(sample_transformer.main, ["--transformer-path", str(path), "--out-dir", str(tmp_path / "o")], capsys)
@@ -350,14 +354,14 @@ def disk_full_after(monkeypatch, n_ok: int):
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    utils.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    checkpoints.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
     before = path.read_bytes()
     disk_full_after(monkeypatch, 0)
-    with pytest.raises(utils.UserError, match=r"disk full while saving .*ckpt\.pt.*previous checkpoint .* is intact"):
-        utils.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    with pytest.raises(cli.UserError, match=r"disk full while saving .*ckpt\.pt.*previous checkpoint .* is intact"):
+        checkpoints.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
-    with pytest.raises(utils.UserError, match="no earlier checkpoint"):
-        utils.save_checkpoint({"step": 1}, tmp_path / "new.pt")
+    with pytest.raises(cli.UserError, match="no earlier checkpoint"):
+        checkpoints.save_checkpoint({"step": 1}, tmp_path / "new.pt")
 
 
 def test_disk_full_stops_training_with_the_resume_hint(tmp_path, monkeypatch, capsys):
@@ -367,4 +371,4 @@ def test_disk_full_stops_training_with_the_resume_hint(tmp_path, monkeypatch, ca
     assert "disk full while saving" in err and "vqgan_last.pt is intact" in err and "--resume" in err
     ckpts = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["vqgan_last.pt", "vqgan_step0000002.pt"]
-    assert utils.load_checkpoint(ckpts / "vqgan_last.pt")["step"] == 2
+    assert checkpoints.load_checkpoint(ckpts / "vqgan_last.pt")["step"] == 2

@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+import checkpoints
 import taming_compat
+from checkpoints import load_checkpoint
+from cli import UserError
 from discriminator import Discriminator
-from taming_compat import (load_any_vqgan_for_finetune, load_taming_transformer_parts, read_checkpoint,
-                           vqgan_config_from_taming)
-from utils import UserError
-from vqgan import VQGAN, load_vqgan
+from taming_compat import load_taming_transformer_parts, vqgan_config_from_taming
+from vqgan import VQGAN, VQGANConfig, load_any_vqgan_for_finetune, load_vqgan
 
 # ============================================================================= taming's names and shapes
 
@@ -324,15 +325,15 @@ def tiny_run(tmp_path):
 
 def test_every_key_maps_and_loss_weights_are_left_out(tiny_run):
     path, sd = tiny_run
-    t = taming_compat.taming_vqgan(read_checkpoint(path), path)
+    t = taming_compat.taming_vqgan(load_checkpoint(path), path)
     assert t.config_source.endswith("-project.yaml") and t.global_step == 1234
     with torch.device("meta"):
-        ours = VQGAN(t.config).state_dict()
+        ours = VQGAN(VQGANConfig(**t.config)).state_dict()
     vq_keys = set(taming_vq_shapes(TINY_DD, 16, 4))
     assert set(ours) == vq_keys == set(t.state_dict)  # no missing, no unexpected
     assert all(tuple(ours[k].shape) == tuple(sd[k].shape) for k in vq_keys)
     assert all(torch.equal(t.state_dict[k], sd[k]) for k in vq_keys)
-    assert t.config.legacy_beta and t.config.num_codebook_vectors == 16 and t.config.latent_dim == 4
+    assert t.config["legacy_beta"] and t.config["num_codebook_vectors"] == 16 and t.config["latent_dim"] == 4
     assert t.ignored_keys and all(k.startswith("loss.perceptual_loss.") for k in t.ignored_keys)
 
 
@@ -371,9 +372,9 @@ def test_legacy_beta_gradients_match_taming(tiny_run):
 def test_inference_only_checkpoint_without_loss_and_without_yaml(tmp_path):
     sd = tiny_taming_sd(loss=False)
     path = write_run(tmp_path / "run", sd, None, with_objects=False)
-    t = taming_compat.taming_vqgan(read_checkpoint(path), path)
+    t = taming_compat.taming_vqgan(load_checkpoint(path), path)
     assert t.config_source == "inferred from weight shapes" and t.discriminator_state_dict is None
-    c = t.config
+    c = VQGANConfig(**t.config)
     assert (c.ch, c.ch_mult, c.num_res_blocks, c.z_channels, c.latent_dim, c.num_codebook_vectors) == \
         (32, (1, 2), 1, 8, 4, 16)
     model, ref = load_vqgan(path), ref_vqmodel
@@ -407,7 +408,7 @@ def test_legacy_serialization_loads(tmp_path):
 @pytest.mark.parametrize("dd,n_embed,embed_dim,grid", [
     (F16_DD, 1024, 256, 16), (F16_DD, 16384, 256, 16), (VQF8_DD, 16384, 4, 32)])
 def test_released_configs_build_taming_shapes(dd, n_embed, embed_dim, grid):
-    cfg = vqgan_config_from_taming({"ddconfig": dd, "n_embed": n_embed, "embed_dim": embed_dim})
+    cfg = VQGANConfig(**vqgan_config_from_taming({"ddconfig": dd, "n_embed": n_embed, "embed_dim": embed_dim}))
     assert cfg.latent_size() == grid and cfg.legacy_beta
     with torch.device("meta"):
         ours = VQGAN(cfg).state_dict()
@@ -415,7 +416,8 @@ def test_released_configs_build_taming_shapes(dd, n_embed, embed_dim, grid):
     assert set(ours) == set(expected)
     assert {k: tuple(v.shape) for k, v in ours.items()} == expected
     # the same architecture is recovered from the shapes alone (no YAML)
-    inferred = taming_compat.infer_vqgan_config({k: torch.empty(s, device="meta") for k, s in expected.items()})
+    inferred = VQGANConfig(**taming_compat.infer_vqgan_config({k: torch.empty(s, device="meta")
+                                                               for k, s in expected.items()}))
     assert (inferred.ch_mult, inferred.attn_resolutions, inferred.z_channels) == \
         (cfg.ch_mult, cfg.attn_resolutions, cfg.z_channels)
 
@@ -471,7 +473,7 @@ def test_convert_checkpoint_round_trip(tmp_path):
 
 def test_convert_checkpoint_errors(tmp_path, capsys):
     import convert_checkpoint
-    from utils import run_main
+    from cli import run_main
     with pytest.raises(SystemExit) as e:
         run_main(convert_checkpoint.main, [str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "o.pt")])
     assert e.value.code == 2 and "not found" in capsys.readouterr().err
@@ -596,9 +598,9 @@ def test_unknown_callable_is_inert(tmp_path, where):
         with pytest.raises(UserError, match="not tensors.*encoder.evil"):
             load_vqgan(path)
     else:
-        raw = read_checkpoint(path)
+        raw = load_checkpoint(path)
         evil = raw["hyper_parameters"].items["evil"]
-        assert isinstance(evil, taming_compat.InertGlobal) and evil.args == (str(marker),)
+        assert isinstance(evil, checkpoints.InertGlobal) and evil.args == (str(marker),)
         assert evil.global_name.endswith("_touch")
         load_vqgan(path)
     assert not marker.exists()
@@ -608,7 +610,7 @@ def test_lightning_objects_become_inert_stand_ins(tiny_run):
     path, _ = tiny_run
     with pytest.raises(pickle.UnpicklingError):  # torch's own weights_only refuses the file...
         torch.load(path, weights_only=True)
-    raw = read_checkpoint(path)  # ...ours reads it, turning the objects into records
+    raw = load_checkpoint(path)  # ...ours reads it, turning the objects into records
     hp = raw["hyper_parameters"]
     assert hp.global_name == "pytorch_lightning.utilities.parsing.AttributeDict"
     assert hp.items["lr"] == 4.5e-6 and hp.items["ddconfig"].state["_content"]["ch"] == 32
@@ -617,7 +619,7 @@ def test_lightning_objects_become_inert_stand_ins(tiny_run):
 
 
 def test_stand_in_classes_cannot_be_patched():
-    cls = taming_compat._inert_class("omegaconf.dictconfig.DictConfig")
+    cls = checkpoints._inert_class("omegaconf.dictconfig.DictConfig")
     with pytest.raises(pickle.UnpicklingError):
         cls.__setitem__ = print
 

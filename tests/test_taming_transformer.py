@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checkpoints import save_checkpoint
 from test_taming_compat import (TINY_PARAMS, random_state_dict, taming_gpt_shapes, taming_vq_shapes,
                                 write_run)
 from transformer import load_transformer, model_dict
-from utils import save_checkpoint
 
 # A 4x4 code grid (resolution 8, one downsampling) so the GPT sees 16 tokens: block_size 16.
 DD = {**TINY_PARAMS["ddconfig"], "resolution": 8, "attn_resolutions": [4]}
@@ -136,7 +136,7 @@ def test_taming_layout_round_trips_through_our_checkpoint(tmp_path):
 
 def test_sample_script_reads_taming_checkpoints(tmp_path, capsys):
     import sample_transformer
-    from utils import UserError
+    from cli import UserError
 
     cond = {"target": "taming.modules.util.Labelator", "params": {"n_classes": 10}}
     path, _ = make_run(tmp_path / "cin", cond)

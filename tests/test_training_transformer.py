@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
+import cli
 import sample_transformer
 import training_transformer
 import training_vqgan
-import utils
+from data import DEMO_DATA, ImageDataset
 from transformer import VQGANTransformer, load_transformer, weights_digest
 from vqgan import VQGAN, load_vqgan
 
@@ -84,11 +85,11 @@ def test_code_cache_is_reused_without_the_encoder(stage_one, tmp_path, monkeypat
         training_transformer.main(args + ["--precision", "bf16"])
 
     # ...and other augmentation code (its source is hashed, no version to bump by hand)
-    class OtherCrops(utils.ImageDataset):
+    class OtherCrops(ImageDataset):
         def _augment(self, img, seed):
             return super()._augment(img.transpose(0), seed)  # mirrored before the crop
 
-    monkeypatch.setattr(utils, "ImageDataset", OtherCrops)
+    monkeypatch.setattr("data.ImageDataset", OtherCrops)
     with pytest.raises(AssertionError, match="encoder ran"):
         training_transformer.main(args)
 
@@ -113,7 +114,7 @@ def test_sample_script_writes_pngs_grid_and_completions(trained, tmp_path):
                              "--top-k", "20", "--batch-size", "2"])
     assert sorted(p.name for p in out.glob("sample_*.png")) == [f"sample_{i:04d}.png" for i in range(3)]
     assert (out / "grid.png").is_file()
-    image = next(utils.DEMO_DATA.glob("*.jpg"))
+    image = next(DEMO_DATA.glob("*.jpg"))
     out_c = tmp_path / "completions"
     sample_transformer.main(["--transformer-path", ckpt, "--num-samples", "2", "--out-dir", str(out_c),
                              "--complete", str(image)])
@@ -124,7 +125,7 @@ def test_conditional_training_and_guided_sampling(stage_one, tmp_path):
     data = tmp_path / "data"
     for cls in ("a", "b"):
         (data / cls).mkdir(parents=True)
-    for i, p in enumerate(sorted(utils.DEMO_DATA.glob("*.jpg"))[:12]):
+    for i, p in enumerate(sorted(DEMO_DATA.glob("*.jpg"))[:12]):
         (data / ("a" if i % 2 else "b") / p.name).write_bytes(p.read_bytes())
     out = tmp_path / "cond"
     training_transformer.main(TINY + ["--out-dir", str(out), "--max-steps", "2", "--conditional",
@@ -138,26 +139,26 @@ def test_conditional_training_and_guided_sampling(stage_one, tmp_path):
                              "--class-label", "b", "--cfg-scale", "3"])
     assert len(list(samples.glob("sample_*.png"))) == 2
     with pytest.raises(SystemExit) as e:
-        utils.run_main(sample_transformer.main, ["--transformer-path", str(ckpt), "--class-label", "zebra"])
+        cli.run_main(sample_transformer.main, ["--transformer-path", str(ckpt), "--class-label", "zebra"])
     assert e.value.code == 2
 
 
 def test_checkpoint_path_is_an_alias_of_vqgan_path():
     """The reference names the stage-one checkpoint --checkpoint-path; both flags set vqgan_path."""
     for flag in ("--vqgan-path", "--checkpoint-path"):
-        cfg, given = utils.parse_config(training_transformer.TrainConfig, [flag, "run/vqgan.pt"])
+        cfg, given = cli.parse_config(training_transformer.TrainConfig, [flag, "run/vqgan.pt"])
         assert cfg.vqgan_path == "run/vqgan.pt" and given == {"vqgan_path"}
 
 
 def test_missing_stage_one_checkpoint_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        utils.run_main(training_transformer.main, ["--preset", "tiny", "--out-dir", str(tmp_path)])
+        cli.run_main(training_transformer.main, ["--preset", "tiny", "--out-dir", str(tmp_path)])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "no stage-one VQGAN checkpoint" in err and "training_vqgan.py" in err
     with pytest.raises(SystemExit) as e:
-        utils.run_main(training_transformer.main, ["--preset", "tiny", "--out-dir", str(tmp_path),
+        cli.run_main(training_transformer.main, ["--preset", "tiny", "--out-dir", str(tmp_path),
                                                    "--vqgan-path", str(tmp_path / "missing.pt")])
     assert e.value.code == 2 and "--vqgan-path" in capsys.readouterr().err
 
@@ -165,7 +166,7 @@ def test_missing_stage_one_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_incompatible_stage_one_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
     # a stage-two checkpoint passed where the stage-one one belongs
     with pytest.raises(SystemExit) as e:
-        utils.run_main(training_transformer.main, ["--preset", "tiny", "--out-dir", str(tmp_path), "--vqgan-path",
+        cli.run_main(training_transformer.main, ["--preset", "tiny", "--out-dir", str(tmp_path), "--vqgan-path",
                                                    str(trained / "checkpoints" / "transformer_last.pt")])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
@@ -174,6 +175,6 @@ def test_incompatible_stage_one_checkpoint_is_a_clear_error(trained, tmp_path, c
 
 def test_missing_transformer_checkpoint_in_sample_script(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        utils.run_main(sample_transformer.main, ["--transformer-path", str(tmp_path / "none.pt")])
+        cli.run_main(sample_transformer.main, ["--transformer-path", str(tmp_path / "none.pt")])
     assert e.value.code == 2
     assert "training_transformer.py" in capsys.readouterr().err

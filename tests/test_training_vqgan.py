@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch.nn.grad import conv2d_weight
 
+import checkpoints
+import cli
+import data
 import training_vqgan as tv
-import utils
 from discriminator import Discriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from vqgan import VQGAN, load_vqgan
 
@@ -236,24 +238,24 @@ def test_evaluate_val_covers_the_split_restores_the_mode_and_uses_8bit_psnr(mode
 
 
 def test_epoch_sampler_resumes_mid_epoch_and_shards():
-    full = list(tv.EpochBatchSampler(20, 3, seed=1, epoch=2))
+    full = list(data.EpochBatchSampler(20, 3, seed=1, epoch=2))
     assert len(full) == 6
-    assert list(tv.EpochBatchSampler(20, 3, seed=1, epoch=2, start_batch=4)) == full[4:]
-    assert full != list(tv.EpochBatchSampler(20, 3, seed=1, epoch=3))
-    r0 = list(tv.EpochBatchSampler(20, 3, seed=1, epoch=2, rank=0, world_size=2))
-    r1 = list(tv.EpochBatchSampler(20, 3, seed=1, epoch=2, rank=1, world_size=2))
+    assert list(data.EpochBatchSampler(20, 3, seed=1, epoch=2, start_batch=4)) == full[4:]
+    assert full != list(data.EpochBatchSampler(20, 3, seed=1, epoch=3))
+    r0 = list(data.EpochBatchSampler(20, 3, seed=1, epoch=2, rank=0, world_size=2))
+    r1 = list(data.EpochBatchSampler(20, 3, seed=1, epoch=2, rank=1, world_size=2))
     seen = [i for b in r0 + r1 for i, _ in b]
     assert len(seen) == len(set(seen)) == 18
 
 
 def test_dataset_augmentation_is_seeded():
-    files = utils.find_images(utils.DEMO_DATA)[:2]
-    ds = utils.ImageDataset(files, 32, train=True)
+    files = data.find_images(data.DEMO_DATA)[:2]
+    ds = data.ImageDataset(files, 32, train=True)
     a, _ = ds[(0, 123)]
     b, _ = ds[(0, 123)]
     assert a.shape == (3, 32, 32) and torch.equal(a, b)
     assert -1 <= a.min() and a.max() <= 1
-    evals = utils.ImageDataset(files, 32, train=False)
+    evals = data.ImageDataset(files, 32, train=False)
     assert torch.equal(evals[0][0], evals[0][0])
 
 
@@ -291,7 +293,7 @@ def test_main_writes_grid_metrics_checkpoint_and_resumes_exactly(tmp_path):
 
 def test_resume_rejects_architecture_change(tmp_path):
     tv.main(ARGS + ["--out-dir", str(tmp_path), "--max-steps", "1"])
-    with pytest.raises(utils.UserError, match="latent_dim"):
+    with pytest.raises(cli.UserError, match="latent_dim"):
         tv.main(["--out-dir", str(tmp_path), "--resume", "--latent-dim", "8"])
 
 
@@ -301,7 +303,7 @@ def test_resume_rejects_architecture_change(tmp_path):
 ])
 def test_bad_dataset_folder_exits_2(tmp_path, capsys, make, match):
     with pytest.raises(SystemExit) as e:
-        utils.run_main(tv.main, ARGS + ["--dataset-path", str(make(tmp_path)), "--out-dir", str(tmp_path / "o")])
+        cli.run_main(tv.main, ARGS + ["--dataset-path", str(make(tmp_path)), "--out-dir", str(tmp_path / "o")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -311,26 +313,26 @@ def test_bad_flags(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         tv.main(["--no-such-flag"])
     assert e.value.code == 2
-    with pytest.raises(utils.UserError, match="divisible"):
+    with pytest.raises(cli.UserError, match="divisible"):
         tv.main(ARGS + ["--image-size", "33", "--out-dir", str(tmp_path)])
-    with pytest.raises(utils.UserError, match="batch-size"):
+    with pytest.raises(cli.UserError, match="batch-size"):
         tv.main(ARGS + ["--batch-size", "1000", "--out-dir", str(tmp_path)])
 
 
 def test_commitment_beta_flag_aliases_and_old_checkpoints(tmp_path):
     """--commitment-beta is the codebook's beta; the reference's --beta still sets it (not Adam's
     --beta1/--beta2), and checkpoints saved under the old name `beta` load with their value."""
-    cfg, given = utils.parse_config(tv.TrainConfig, ["--beta", "0.5", "--beta1", "0.7"], tv.TRAIN_PRESETS)
+    cfg, given = cli.parse_config(tv.TrainConfig, ["--beta", "0.5", "--beta1", "0.7"], tv.TRAIN_PRESETS)
     assert cfg.commitment_beta == 0.5 and cfg.beta1 == 0.7 and given == {"commitment_beta", "beta1"}
-    assert utils.parse_config(tv.TrainConfig, ["--commitment-beta", "0.4"])[0].commitment_beta == 0.4
+    assert cli.parse_config(tv.TrainConfig, ["--commitment-beta", "0.4"])[0].commitment_beta == 0.4
     model = VQGAN(tv.model_config(cfg))
-    old = utils.config_dict(tv.model_config(cfg))
+    old = cli.config_dict(tv.model_config(cfg))
     old["beta"] = old.pop("commitment_beta")
-    utils.save_checkpoint({"kind": "vqgan", "model_config": old, "model": model.state_dict()}, tmp_path / "old.pt")
+    checkpoints.save_checkpoint({"kind": "vqgan", "model_config": old, "model": model.state_dict()}, tmp_path / "old.pt")
     assert load_vqgan(tmp_path / "old.pt").quantize.beta == 0.5
-    saved = {**utils.config_dict(cfg), "beta": 0.3}
+    saved = {**cli.config_dict(cfg), "beta": 0.3}
     del saved["commitment_beta"]
-    assert utils.resumed_config(tv.TrainConfig(), set(), saved, (), "architecture").commitment_beta == 0.3
+    assert cli.resumed_config(tv.TrainConfig(), set(), saved, (), "architecture").commitment_beta == 0.3
 
 
 def test_finetune_from_checkpoint(tmp_path):
@@ -350,5 +352,5 @@ def test_finetune_from_checkpoint(tmp_path):
     assert set(tuned) == set(start) - {"quantize.steps_since_used"}  # restarts switched off
     for k, v in tuned.items():
         assert torch.equal(v, start[k]), k
-    with pytest.raises(utils.UserError, match="fixes the architecture"):
+    with pytest.raises(cli.UserError, match="fixes the architecture"):
         tv.main(["--checkpoint-path", str(src_ckpt), "--out-dir", str(dst), "--ch", "64"])

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from checkpoints import save_checkpoint
 from mingpt import GPT_PRESETS
 from transformer import (TransformerConfig, VQGANTransformer, guided_logits, load_transformer, model_dict)
-from utils import save_checkpoint
 from vqgan import VQGAN, config_from_preset
 
 

@@ -13,12 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import benchmark
+import cli
 import evaluate
 import lpips
 import sample_transformer
 import training_transformer as tt
 import training_vqgan as tv
-import utils
+from data import DEMO_DATA
 from discriminator import Discriminator
 from mingpt import GPT, check_sampling, sample_next_token
 from transformer import TransformerConfig, VQGANTransformer
@@ -26,13 +27,13 @@ from vqgan import VQGAN, config_from_preset
 
 VQ = ["--preset", "tiny", "--perceptual-loss-factor", "0", "--num-workers", "0"]
 GPT_ARGS = ["--preset", "tiny", "--num-augmentations", "2", "--batch-size", "8", "--num-grid-images", "0"]
-IMAGE = str(sorted(utils.DEMO_DATA.glob("*.jpg"))[0])
+IMAGE = str(sorted(DEMO_DATA.glob("*.jpg"))[0])
 
 
 def fails(main, argv, capsys) -> str:
     """Run a script's main as its __main__ does; assert exit code 2 and one line; return that line."""
     with pytest.raises(SystemExit) as e:
-        utils.run_main(main, argv)
+        cli.run_main(main, argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -49,7 +50,7 @@ def stage_one(tmp_path_factory):
 
 def few_images(folder, n):
     folder.mkdir(parents=True)
-    for p in sorted(utils.DEMO_DATA.glob("*.jpg"))[:n]:
+    for p in sorted(DEMO_DATA.glob("*.jpg"))[:n]:
         (folder / p.name).write_bytes(p.read_bytes())
     return folder
 
@@ -152,7 +153,7 @@ def test_stage_one_flags_stop_before_any_folder(tmp_path, capsys, args, match):
 
 def test_attention_levels_are_not_refused_when_a_checkpoint_fixes_them():
     cfg = tv.TrainConfig(**{**tv.TRAIN_PRESETS["tiny"], "attn_resolutions": (8,)})  # levels 32, 16
-    with pytest.raises(utils.UserError, match="--attn-resolutions 8"):
+    with pytest.raises(cli.UserError, match="--attn-resolutions 8"):
         cfg.validate()
     cfg.validate(architecture_from_checkpoint=True)  # --resume, --checkpoint-path: the flags can't change it
 
@@ -181,12 +182,12 @@ def test_no_validation_split_is_said_once(stage_one, tmp_path):
 
 def test_class_label_rule_names_first_and_ambiguous_numbers_refused():
     numbered = SimpleNamespace(num_classes=2, class_names=["3", "7"])
-    with pytest.raises(utils.UserError, match=r"--class-label 1 is ambiguous.*'3', '7'.*pass a class name"):
+    with pytest.raises(cli.UserError, match=r"--class-label 1 is ambiguous.*'3', '7'.*pass a class name"):
         sample_transformer.parse_label(numbered, "1")
     assert sample_transformer.parse_label(numbered, "7") == 1  # a name is that class
     named = SimpleNamespace(num_classes=2, class_names=["cats", "dogs"])
     assert sample_transformer.parse_label(named, "dogs") == sample_transformer.parse_label(named, "1") == 1
-    with pytest.raises(utils.UserError, match="unknown --class-label '2'"):
+    with pytest.raises(cli.UserError, match="unknown --class-label '2'"):
         sample_transformer.parse_label(named, "2")
     taming = SimpleNamespace(num_classes=1000, class_names=[])  # class ids only
     assert sample_transformer.parse_label(taming, "3") == 3
@@ -215,7 +216,7 @@ def _flag_strategy(cls, name: str):
     optional = type(None) in typing.get_args(tp)
     if optional:
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    flag = utils.flag(name)
+    flag = cli.flag(name)
     if "choices" in f.metadata:
         values = st.sampled_from(f.metadata["choices"]).map(lambda v: [f"{flag}={v}"])
     elif tp is bool:
@@ -265,10 +266,10 @@ def test_random_flags_validate_or_fail_with_one_line(script, data):
             argv += [data.draw(st.sampled_from(["--class-label=", "--class-label=cats", "--class-label=3"]))]
         else:
             argv += data.draw(_flag_strategy(cls, name))
-    cfg, _ = utils.parse_config(cls, argv, presets)
+    cfg, _ = cli.parse_config(cls, argv, presets)
     try:
         cfg.validate()
-    except utils.UserError as e:
+    except cli.UserError as e:
         msg = str(e)
         assert msg and len(msg.splitlines()) == 1 and "--" in msg, (argv, msg)
 
@@ -297,7 +298,7 @@ def test_a_stage_one_config_that_validates_runs_in_every_part(data):
                             "perceptual_loss_factor": data.draw(st.sampled_from([0.0, 1.0]), label="lpips")})
     try:
         cfg.validate()
-    except utils.UserError:
+    except cli.UserError:
         return
     torch.manual_seed(0)
     x = torch.rand(1, 3, image_size, image_size) * 2 - 1

@@ -307,7 +307,8 @@ def test_forward_matches_golden_outputs():
 
 
 def test_load_vqgan_raises_the_documented_errors(tmp_path):
-    from utils import UserError, config_dict, save_checkpoint
+    from checkpoints import save_checkpoint
+    from cli import UserError, config_dict
     from vqgan import load_vqgan
 
     with pytest.raises(UserError, match="not found"):

@@ -323,13 +323,6 @@ def split_files(files: list, val_fraction: float, seed: int) -> tuple[list, list
     return [files[i] for i in train], [files[i] for i in val]
 
 
-def seed_worker(worker_id: int):
-    """DataLoader worker init: seed numpy/random from the worker's torch seed."""
-    s = torch.initial_seed() % 2 ** 32
-    np.random.seed(s)
-    random.seed(s)
-
-
 class EpochBatchSampler:
     """Shuffled batches for one epoch from a seeded permutation, optionally starting mid-epoch.
 

@@ -9,14 +9,12 @@ A script's `main` then reads: setup, data, models, `for batch in loop.batches(..
 import contextlib
 import copy
 import json
-import random
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -25,6 +23,7 @@ import checkpoints
 import data
 import distributed
 import loggers
+import utils
 from cli import UserError, check_ranges, config_dict
 from devices import autocast, resolve_device, resolve_precision
 
@@ -190,39 +189,6 @@ def optimizer_step(opt, scaler, *values: torch.Tensor) -> bool:
     return finite
 
 
-# ----------------------------------------------------------------------------- RNG
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Every RNG a training step draws from, as tensors and builtins (weights_only-safe)."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    v, internal, gauss = state["python"]
-    random.setstate((v, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def restore_progress(ckpt: dict, rank: int, world: int, seed: int) -> tuple[int, int, int, int]:
     """Step, epoch, samples seen in the epoch and the saved global batch of a training checkpoint, with
     this rank's RNG restored (a fresh per-rank stream when it was saved on another process count)."""
@@ -231,11 +197,11 @@ def restore_progress(ckpt: dict, rank: int, world: int, seed: int) -> tuple[int,
     samples_in_epoch = ckpt.get("samples_in_epoch", ckpt.get("batch_in_epoch", 0) * saved_batch)
     rng_ranks = ckpt.get("rng_ranks", [])
     if rank == 0:
-        set_rng_state(ckpt["rng"])
+        utils.set_rng_state(ckpt["rng"])
     elif len(rng_ranks) == world - 1:
-        set_rng_state(rng_ranks[rank - 1])
+        utils.set_rng_state(rng_ranks[rank - 1])
     else:
-        seed_everything(seed + rank + 1_000_003 * step)
+        utils.seed_everything(seed + rank + 1_000_003 * step)
     return step, epoch, samples_in_epoch, saved_batch
 
 
@@ -349,13 +315,13 @@ class Loop:
 
     def save(self, tag_copy: bool = False):
         """Every rank calls this (its RNG state is gathered); rank 0 alone writes."""
-        rng_ranks = distributed.all_gather_objects(rng_state())[1:]
+        rng_ranks = distributed.all_gather_objects(utils.rng_state())[1:]
         if not self.run.is_main:
             return
         state = {**self.state(), "step": self.step, "epoch": self.epoch,
                  "batch_in_epoch": self.samples_in_epoch // self.global_batch,
                  "samples_in_epoch": self.samples_in_epoch, "global_batch": self.global_batch,
-                 "config": config_dict(self.cfg), "rng": rng_state(), "torch_version": str(torch.__version__)}
+                 "config": config_dict(self.cfg), "rng": utils.rng_state(), "torch_version": str(torch.__version__)}
         if rng_ranks:
             state["rng_ranks"] = rng_ranks  # ranks 1.., for a resume on as many processes
         checkpoints.save_checkpoint(state, self.last_path)

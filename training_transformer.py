@@ -35,6 +35,7 @@ import hub
 import loggers
 import plots
 import trainer
+import utils
 from cli import UserError, field
 from devices import PRECISIONS
 from mingpt import GPT_PRESETS, check_sampling
@@ -386,7 +387,7 @@ def main(argv=None):
     cfg.validate()  # the whole run's settings (the grids' sampling too), before any data, encoding or training
     loggers.parse_names(cfg.logger)  # an unknown name or a missing package fails before any work
     run = trainer.setup(cfg)
-    trainer.seed_everything(cfg.seed)
+    utils.seed_everything(cfg.seed)
 
     root = trainer.data_root(cfg)
     files = data.find_images(root, cache_file=out / "cache" / "file_scan.json")  # vetted once per file
@@ -406,7 +407,7 @@ def main(argv=None):
     # Encoding draws from the global RNG (DataLoader seeds) only on a cache miss: reseed, so training
     # is the same whether or not the codes came from the cache. Per rank (pkeep corruption, class-token
     # dropout, dropout); the data order comes from the shared cfg.seed.
-    trainer.seed_everything(cfg.seed + run.rank)
+    utils.seed_everything(cfg.seed + run.rank)
     if not val_idx:
         logger.log(f"note: no validation split ({len(files)} image(s), --val-fraction {cfg.val_fraction}): "
                    "val_bits_per_token and grids use training images")

@@ -24,6 +24,7 @@ import distributed
 import loggers
 import plots
 import trainer
+import utils
 from cli import UserError, field
 from codebook import code_usage
 from devices import PRECISIONS
@@ -191,7 +192,7 @@ def make_loader(dataset, cfg, epoch: int, start_sample: int = 0, rank: int = 0, 
     sampler = data.EpochBatchSampler(len(dataset), cfg.batch_size * cfg.grad_accum_steps, cfg.seed, epoch,
                                 rank=rank, world_size=world_size, start_sample=start_sample)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=data.seed_worker,
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=utils.seed_worker,
                       persistent_workers=False)
 
 
@@ -550,7 +551,7 @@ def main(argv=None):
     loggers.parse_names(cfg.logger)  # an unknown name or a missing package fails before any work
     run = trainer.setup(cfg)
     # per-rank RNG (dropout, restarts' picks); the data order comes from the shared cfg.seed
-    trainer.seed_everything(cfg.seed + run.rank)
+    utils.seed_everything(cfg.seed + run.rank)
 
     root = trainer.data_root(cfg)
     files = data.find_images(root, cache_file=out / "cache" / "file_scan.json")  # vetted once per file

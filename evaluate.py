@@ -573,13 +573,6 @@ def main(argv=None):
               f"about {r * r:g}x the pixels and {r ** 4:g}x the attention work per image, for a size the "
               "model was not trained at; lower --batch-size if memory runs out, or drop --image-size",
               file=sys.stderr)
-    transformer = None
-    if cfg.transformer_path and cfg.num_samples > 0:
-        from transformer import load_transformer
-        try:  # loaded before any metric runs, so a wrong file never costs the reconstruction pass
-            transformer = load_transformer(cfg.transformer_path, device)
-        except ValueError as e:
-            raise UserError(str(e)) from None
     data_root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else data.DEMO_DATA
     files = data.find_images(data_root)
     loader = DataLoader(data.ImageDataset(files, image_size, train=False), batch_size=cfg.batch_size,

@@ -21,7 +21,6 @@ it.) Config fields missing from a config.json take their defaults, as in our .pt
 written before a field existed still load.
 """
 
-import dataclasses
 import json
 import os
 import re
@@ -85,12 +84,6 @@ def read_config(source, kind: str, subfolder: str = "", **hub_kwargs) -> dict:
             hint += ", or its VQGAN from the vqgan/ folder beside it"
         raise UserError(f"{path} describes a {found or 'unknown'!r} model, not a {kind!r} one; {hint}")
     return config
-
-
-def dataclass_from(cls, config: dict):
-    """cls(**config) over cls's fields; other keys ("kind", "class_names") are not cls's to take."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in config.items() if k in names})
 
 
 def read_weights(source, expected: dict, subfolder: str = "", **hub_kwargs) -> dict:

@@ -1,8 +1,10 @@
 """Quality study: train named stage-one recipes for one budget, then evaluate each on held-out images.
 
     python study.py --list                                          # the recipes and what each changes
-    python study.py --recipes taming,v1,default --max-steps 150     # train + evaluate, print a table
-    python study.py --recipes dome272,default-f16 --dome272-path ~/src/VQGAN-pytorch --preset f16 ...
+    python study.py --recipes taming,v1,v1-16x16,v1-lr2e-4-cosine,v1-betas,16x16-narrow --val-fraction 0.2
+    python study.py --recipes final,final-gan-taming,final-gan --max-steps 450   # the GAN from step 300
+    python study.py --recipes dome272,optim-f16 --dome272-path ~/src/VQGAN-pytorch --preset f16 \
+        --extra "--image-size 64 --attn-resolutions 4 --batch-size 4" --val-fraction 0.2
 
 Every recipe trains `training_vqgan.py` on the same train split of `--dataset-path` with the same seed,
 data order and budget (`--max-steps`, and optionally `--max-seconds` of training wall time), then is
@@ -22,6 +24,7 @@ baseline_dome272.py in a separate process, and is evaluated in the same way.
 """
 
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -107,7 +110,7 @@ def recipe_flags(name: str) -> list[str]:
 @dataclass
 class StudyConfig:
     """What to compare, on which images, for how long."""
-    recipes: str = field("", "comma-separated recipe names (default: all; see --list)")
+    recipes: str = field("", "comma-separated recipe names (default: all that fit --max-steps; see --list)")
     list: bool = field(False, "print the recipes and exit")
     dataset_path: str = field("", "folder of images (default: the embedded demo photos)")
     out_dir: str = field("runs/study", "study folder: one run folder and study.json per recipe, study.md")
@@ -186,12 +189,15 @@ def train_recipe(cfg: StudyConfig, name: str, run_dir: Path) -> tuple[float, flo
     flags = _base_flags(cfg, run_dir) + list(recipe.flags)
     forks = [r.fork[1] for r in RECIPES.values() if r.fork and r.fork[0] == name]
     if forks:  # keep the checkpoints the recipes forking from this one start from
-        flags += ["--save-every", str(min(forks)), "--keep-checkpoints", "0"]
+        flags += ["--save-every", str(math.gcd(*forks)), "--keep-checkpoints", "0"]
     if recipe.fork:
         parent, at = recipe.fork
         src = Path(cfg.out_dir) / parent / "checkpoints" / f"vqgan_step{at:07d}.pt"
         if not src.exists():
             run_study(cfg, [parent])
+        if not src.exists():
+            raise UserError(f"recipe {name} starts from {parent} at step {at}, but {src} was not written "
+                            f"(did {parent} stop early? --max-seconds); rerun {parent} with --rerun")
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "checkpoints" / "vqgan_last.pt").write_bytes(src.read_bytes())
         flags += ["--resume"]
@@ -334,12 +340,22 @@ def main(argv=None):
             print(f"{name:24s} {r.change}{fork}")
         print(f"{'dome272':24s} dome272/VQGAN-pytorch's model and loop (needs --dome272-path)")
         return None
-    names = [n.strip() for n in cfg.recipes.split(",") if n.strip()] or list(RECIPES)
+    names = ([n.strip() for n in cfg.recipes.split(",") if n.strip()]
+             or [n for n, r in RECIPES.items() if not r.fork or r.fork[1] < cfg.max_steps])
     for n in names:
         if n != "dome272":
             recipe_flags(n)
     if cfg.max_steps < 1:
         raise UserError(f"--max-steps must be at least 1, got {cfg.max_steps}")
+    for n in names:
+        if n in RECIPES and RECIPES[n].fork and RECIPES[n].fork[1] >= cfg.max_steps:
+            raise UserError(f"recipe {n} starts from {RECIPES[n].fork[0]} at step {RECIPES[n].fork[1]}: "
+                            f"give --max-steps above that (e.g. 450), or leave {n} out of --recipes")
+    if "dome272" in names and not (Path(cfg.dome272_path).expanduser() / "vqgan.py").is_file():
+        raise UserError("the 'dome272' recipe needs --dome272-path, a local clone of dome272/VQGAN-pytorch")
+    owned = {"--seed", "--val-fraction", "--dataset-path", "--out-dir", "--max-steps", "--epochs", "--resume"}
+    if clash := sorted(owned & {f.split("=")[0] for f in cfg.extra.split()}):
+        raise UserError(f"--extra may not set {', '.join(clash)}: study.py sets them itself (use its own flags)")
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
     baseline = cfg.baseline or names[0]

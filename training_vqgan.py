@@ -198,13 +198,13 @@ def make_loader(dataset, cfg, epoch: int, start_sample: int = 0, rank: int = 0, 
 
 # ----------------------------------------------------------------------------- schedules
 
-def lr_factor(step: int, total_steps: int, cfg) -> float:
+def lr_factor(step: int, schedule_steps: int, cfg) -> float:
     """Multiplier on the learning rates at `step` (0-based): linear warmup over cfg.warmup_steps, then
     constant or cosine down to cfg.min_lr_ratio at the last step (SGDR, Loshchilov & Hutter 2017)."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    if cfg.lr_decay == "cosine" and total_steps > cfg.warmup_steps + 1:
-        t = min(1.0, (step - cfg.warmup_steps) / (total_steps - 1 - cfg.warmup_steps))
+    if cfg.lr_decay == "cosine" and schedule_steps > cfg.warmup_steps + 1:
+        t = min(1.0, (step - cfg.warmup_steps) / (schedule_steps - 1 - cfg.warmup_steps))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
     return 1.0
 
@@ -478,9 +478,19 @@ def finetune_config(cfg, given: set):
     return TrainConfig(**merged), model_sd, disc_sd
 
 
+# What runs saved before these fields existed did: a constant learning rate (their resume must not
+# switch to today's warmup + cosine).
+LEGACY_DEFAULTS = {"warmup_steps": 0, "lr_decay": "none"}
+# The discriminator's shape: changeable on --resume only while it has not trained yet (build_models).
+DISC_FIELDS = ("disc_norm", "disc_ndf", "disc_layers")
+
+
 def resume_config(cfg, given: set, ckpt: dict) -> TrainConfig:
-    """The saved run's config, updated with the flags given now; architecture changes are refused."""
-    return cli.resumed_config(cfg, given, ckpt["config"], ARCH_FIELDS, "architecture")
+    """The saved run's config, updated with the flags given now; architecture changes are refused, and
+    so are discriminator changes once it has trained (the step is past the saved --disc-start)."""
+    saved = {**LEGACY_DEFAULTS, **ckpt["config"]}
+    fixed = ARCH_FIELDS + (DISC_FIELDS if ckpt["step"] > saved.get("disc_start", 0) else ())
+    return cli.resumed_config(cfg, given, saved, fixed, "architecture or trained discriminator")
 
 
 # ----------------------------------------------------------------------------- models and logging
@@ -505,15 +515,23 @@ def build_models(cfg, run, ckpt, init_model_sd, init_disc_sd, logger):
             try:
                 disc.load_state_dict(init_disc_sd)
             except RuntimeError:
-                logger.log("note: the checkpoint's discriminator does not fit --disc-ndf/--disc-layers; "
+                logger.log("note: the checkpoint's discriminator does not fit --disc-ndf/--disc-layers/--disc-norm; "
                            "starting the discriminator from scratch")
         logger.log(f"initialised from {cfg.checkpoint_path}")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        disc.load_state_dict(ckpt["discriminator"])
+        saved_disc = {k: ckpt["config"].get(k, d) for k, d in zip(DISC_FIELDS, ("batch", 64, 3))}
+        fresh_disc = saved_disc != {k: getattr(cfg, k) for k in DISC_FIELDS}  # allowed only untrained
+        if fresh_disc:
+            logger.log(f"note: the discriminator ({', '.join(f'{k} {getattr(cfg, k)}' for k in DISC_FIELDS)}) "
+                       "differs from the checkpoint's, which never trained; it starts from scratch")
+        else:
+            disc.load_state_dict(ckpt["discriminator"])
+            opt_d.load_state_dict(ckpt["opt_d"])
+            scaler_d.load_state_dict(ckpt["scaler_d"])
         if lecam is not None and "lecam" in ckpt:
             lecam.load_state_dict(ckpt["lecam"])
-        for obj, key in ((opt_g, "opt_g"), (opt_d, "opt_d"), (scaler_g, "scaler_g"), (scaler_d, "scaler_d")):
+        for obj, key in ((opt_g, "opt_g"), (scaler_g, "scaler_g")):
             obj.load_state_dict(ckpt[key])
     return model, disc, lecam, opt_g, opt_d, scaler_g, scaler_d
 
@@ -563,6 +581,9 @@ def main(argv=None):
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
     steps_per_epoch = len(train_set) // global_batch
     total_steps = trainer.total_steps(cfg, steps_per_epoch)
+    # the learning-rate schedule spans the planned run (--epochs, or --max-steps with --epochs 0), so a
+    # run stopped by --max-steps or --max-seconds and resumed with a larger budget keeps its schedule
+    schedule_steps = cfg.epochs * steps_per_epoch if cfg.epochs > 0 else cfg.max_steps
 
     logger = loggers.RunLogger(out, "vqgan", enabled=run.is_main)
     model, disc, lecam, opt_g, opt_d, scaler_g, scaler_d = build_models(cfg, run, ckpt, init_model_sd,
@@ -618,7 +639,7 @@ def main(argv=None):
         for x, _ in loop.batches(lambda epoch, start: make_loader(train_set, cfg, epoch, start, run.rank, run.world),
                                  end_epoch):
             t0 = time.perf_counter()
-            lr_scale = lr_factor(loop.step, loop.total_steps, cfg)
+            lr_scale = lr_factor(loop.step, schedule_steps, cfg)
             for opt, lr in ((opt_g, cfg.learning_rate), (opt_d, cfg.disc_learning_rate or cfg.learning_rate)):
                 for group in opt.param_groups:
                     group["lr"] = lr * lr_scale

@@ -313,7 +313,7 @@ class VQGANTransformer(nn.Module, PyTorchModelHubMixin, paper_url=hub.PAPER_URL,
         raw = hub.read_config(model_id, "transformer", **download)
         vqgan = VQGAN._from_pretrained(model_id=model_id, subfolder="vqgan", **download)
         with torch.device("meta"):  # the GPT's tensors all come from the file
-            model = cls(vqgan, hub.dataclass_from(TransformerConfig, raw), raw.get("class_names") or None)
+            model = cls(vqgan, dataclass_from_dict(TransformerConfig, raw), raw.get("class_names") or None)
         state = hub.read_weights(model_id, model._own_state_dict(), **download)
         model.load_state_dict(state, strict=False, assign=True)  # exactly the non-VQGAN keys (checked above)
         return model.to(map_location).eval()

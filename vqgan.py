@@ -147,7 +147,7 @@ class VQGAN(nn.Module, PyTorchModelHubMixin, paper_url=hub.PAPER_URL, tags=["vqg
         """PyTorchModelHubMixin's hook: a VQGAN (eval mode, on map_location) from `subfolder` of a folder or
         Hub repo; `download` holds hf_hub_download's options (revision, cache_dir, token, ...). The mixin's
         `config` drops keys it does not know, "kind" among them, so config.json is read again here."""
-        config = hub.dataclass_from(VQGANConfig, hub.read_config(model_id, "vqgan", subfolder, **download))
+        config = dataclass_from_dict(VQGANConfig, hub.read_config(model_id, "vqgan", subfolder, **download))
         with torch.device("meta"):  # no random init: every tensor comes from the file
             model = cls(config)
         state = hub.read_weights(model_id, model.state_dict(), subfolder, **download)

@@ -121,7 +121,7 @@ def test_study_trains_evaluates_forks_and_reuses_results(tmp_path, monkeypatch, 
     monkeypatch.setattr(study, "RECIPES", {
         "a": study._r("base", *base),
         "b": study._r("no GAN after the fork", *base, fork=("a", 1)),
-        "c": study._r("GAN after the fork", *base, "--disc-start", 1, fork=("a", 1)),
+        "c": study._r("GAN after the fork", *base, "--disc-start", 1, "--disc-norm", "group", fork=("a", 1)),
     })
     argv = ["--preset", "tiny", "--max-steps", "2", "--out-dir", str(tmp_path), "--fid", "off",
             "--val-fraction", "0.2", "--extra", "--batch-size 2"]
@@ -140,3 +140,42 @@ def test_study_trains_evaluates_forks_and_reuses_results(tmp_path, monkeypatch, 
     assert again["c"]["psnr"] == res["c"]["psnr"]
     with pytest.raises(study.UserError, match="unknown recipe"):
         study.main(argv + ["--recipes", "nope"])
+
+
+def test_resume_may_change_an_untrained_discriminator_only(tmp_path):
+    """Before --disc-start the discriminator never trained: a resume may give it another shape (it starts
+    fresh); after, the change is refused with a one-line error."""
+    tv.main(ARGS + ["--out-dir", str(tmp_path), "--max-steps", "2", "--disc-start", "3"])
+    tv.main(["--out-dir", str(tmp_path), "--resume", "--max-steps", "4", "--disc-norm", "group"])
+    ckpt = torch.load(tmp_path / "checkpoints" / "vqgan_last.pt", weights_only=True)
+    assert ckpt["config"]["disc_norm"] == "group" and not any("running" in k for k in ckpt["discriminator"])
+    assert "starts from scratch" in (tmp_path / "log.txt").read_text()
+    with pytest.raises(tv.UserError, match="disc_norm"):
+        tv.main(["--out-dir", str(tmp_path), "--resume", "--max-steps", "5", "--disc-norm", "batch"])
+
+
+def test_lr_schedule_survives_a_larger_budget_on_resume(tmp_path):
+    """The cosine spans the planned run (--epochs), not a --max-steps cap: stopping at 3 and resuming
+    to 6 logs the learning rates of one straight run of 6."""
+    opts = ARGS + ["--epochs", "1", "--warmup-steps", "1", "--lr-decay", "cosine", "--disc-start", "100"]
+    tv.main(opts + ["--out-dir", str(tmp_path / "a"), "--max-steps", "6"])
+    tv.main(opts + ["--out-dir", str(tmp_path / "b"), "--max-steps", "3"])
+    tv.main(["--out-dir", str(tmp_path / "b"), "--resume", "--max-steps", "6"])
+
+    def lrs(run):
+        lines = (tmp_path / run / "results" / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["lr"] for x in lines if '"loss"' in x]
+    assert len(lrs("a")) == 6 and lrs("a") == pytest.approx(lrs("b"))
+    assert lrs("a")[-1] > 0.5 * lrs("a")[1]  # 6 of the epoch's 18 steps: early in the decay
+
+
+def test_resume_of_a_run_saved_before_the_schedule_keeps_a_constant_lr(tmp_path):
+    tv.main(ARGS + ["--out-dir", str(tmp_path), "--max-steps", "1", "--disc-start", "100"])
+    path = tmp_path / "checkpoints" / "vqgan_last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    for k in ("warmup_steps", "lr_decay"):
+        del ckpt["config"][k]
+    torch.save(ckpt, path)
+    tv.main(["--out-dir", str(tmp_path), "--resume", "--max-steps", "3"])
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["warmup_steps"] == 0 and cfg["lr_decay"] == "none"

@@ -186,6 +186,10 @@ def train_recipe(cfg: StudyConfig, name: str, run_dir: Path) -> tuple[float, flo
     only. CPU time is what a one-thread run costs whatever else shares the machine."""
     import training_vqgan
     recipe = RECIPES[name]
+    last = run_dir / "checkpoints" / "vqgan_last.pt"
+    if last.exists() and not cfg.rerun and checkpoints.load_checkpoint(last)["step"] >= cfg.max_steps:
+        print(f"{name}: reusing the finished run in {run_dir} (its training time is not known)")
+        return None, None
     flags = _base_flags(cfg, run_dir) + list(recipe.flags)
     forks = [r.fork[1] for r in RECIPES.values() if r.fork and r.fork[0] == name]
     if forks:  # keep the checkpoints the recipes forking from this one start from
@@ -323,7 +327,7 @@ def format_table(results: dict, names: list[str], baseline: str) -> str:
         d_psnr = r["psnr"] - base["psnr"] if base else None
         ratio = r["lpips"] / base["lpips"] if base and r.get("lpips") and base.get("lpips") else None
         change = RECIPES[name].change if name in RECIPES else "dome272/VQGAN-pytorch's model and loop"
-        lines.append(f"| {name} | {change} | {r['steps']} | {r['train_seconds']:.0f} | "
+        lines.append(f"| {name} | {change} | {r['steps']} | {f(r['train_seconds'], '{:.0f}')} | "
                      f"{f(r.get('train_cpu_seconds'), '{:.0f}')} | {r['psnr']:.2f} | "
                      f"{f(d_psnr, '{:+.2f}')} | {r['ssim']:.3f} | {f(r['lpips'], '{:.3f}')} | "
                      f"{f(ratio, '{:.2f}')} | {f(r['rfid'], '{:.1f}')} | "

@@ -45,7 +45,7 @@ NUM_CODES=256
 VQGAN_FLAGS=(--preset demo --image-size 32 --ch 32 --ch-mult 1 2 2 --attn-resolutions 8 --num-res-blocks 1
              --z-channels 64 --latent-dim 64 --num-codebook-vectors "$NUM_CODES" --batch-size 16 --epochs 1000
              --max-steps "$VQ_STEPS" --num-workers 0 --sample-every 500 --save-every 100000
-             --learning-rate 1e-4 --beta1 0.5 --beta2 0.9 --warmup-steps 0 --lr-decay none)
+             --learning-rate 1e-4 --beta1 0.5 --beta2 0.9 --warmup-steps 0 --lr-decay none --disc-start 10000)
 # stage two: the demo GPT (4 layers x 4 heads x 128, about compute-optimal for ~12M training tokens),
 # cosine schedule over GPT_STEPS (--epochs 0), 2 cached views per image (centre + a random flip:
 # a 28 px image scaled to 32 has nothing left to crop)

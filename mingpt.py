@@ -139,8 +139,11 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, do_sample
     finfo = torch.finfo(logits.dtype)
     logits = logits.clamp(max=finfo.max)
     t = min(max(temperature, finfo.tiny), finfo.max)
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / t  # (B, V), max 0
-    logits = top_k_top_p_filter(logits, top_k, top_p)
+    logits = logits - logits.amax(dim=-1, keepdim=True)  # (B, V), max 0
+    # top-k before the division: it does not depend on the scale, and a huge temperature would flush
+    # the scaled logits to 0 and tie them all; top-p needs the tempered distribution
+    logits = top_k_top_p_filter(logits, top_k, None) / t
+    logits = top_k_top_p_filter(logits, None, top_p)
     probs = F.softmax(logits, dim=-1)  # (B, V)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 

@@ -78,6 +78,12 @@ class TrainConfig:
     precision: str = field("auto", "auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16",
                            choices=list(utils.PRECISIONS))
     num_workers: int = field(2, "data loader workers for the one-off encoding pass")
+    # Speed switches; none of them changes what is saved (checkpoints come from the plain modules).
+    compile: bool = field(False, "torch.compile the model for the training step (validation and grids run "
+                                 "the plain model); see README, Speed")
+    tf32: bool = field(True, "on CUDA: TF32 tensor cores for fp32 matmuls (--precision fp32)")
+    fused_optimizer: bool = field(True, "fused AdamW kernels (fused=True, CUDA and CPU); off: torch's default "
+                                        "(foreach on CUDA, a per-parameter loop on the CPU)")
     seed: int = field(0, "random seed")
     log_every: int = field(10, "steps between metrics.jsonl records")
     num_grid_images: int = field(4, "rows of the per-epoch grid, each original | reconstruction | "
@@ -320,6 +326,7 @@ def main(argv=None):
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("--precision bf16 is not supported on this GPU; use fp16 or fp32")
     amp = utils.autocast(device, precision)
+    utils.setup_cuda_math(device, cfg.tf32)
     utils.seed_everything(cfg.seed)
 
     data_root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else utils.DEMO_DATA
@@ -375,7 +382,8 @@ def main(argv=None):
     schedule_steps = cfg.epochs * steps_per_epoch if cfg.epochs > 0 else cfg.max_steps
     total_steps = min(schedule_steps, cfg.max_steps) if cfg.max_steps > 0 else schedule_steps
 
-    opt = model.gpt.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
+    opt = model.gpt.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                         fused=cfg.fused_optimizer)
     # GradScaler only for fp16 (bf16 and fp32 need none)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step, epoch, samples_in_epoch = 0, 0, 0
@@ -400,11 +408,13 @@ def main(argv=None):
         del ckpt
     shown = ema if ema is not None else model  # what grids and validation use
     utils.broadcast_module_state(model)  # every rank starts from rank 0's GPT
-    ddp_model = model
+    # A compiled wrapper for the training step only; it shares the model's parameters, so checkpoints
+    # (saved from model), EMA, validation and grids see the plain model.
+    ddp_model = torch.compile(model) if cfg.compile else model
     if world > 1:
         # The frozen VQGAN's parameters need no gradients, so DDP leaves them out of its reducer;
         # the GPT's all get gradients, so find_unused_parameters stays False.
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+        ddp_model = DistributedDataParallel(ddp_model, device_ids=[device.index] if device.type == "cuda" else None,
                                             forward_sync_buffers=False)
 
     cfg = dataclasses.replace(cfg, vqgan_path=str(vqgan_path))

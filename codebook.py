@@ -39,6 +39,14 @@ def stats_from_counts(counts: torch.Tensor) -> tuple[float, float]:
     return usage, math.exp(entropy)
 
 
+@torch.compiler.disable
+def _snapshot(w: torch.Tensor) -> torch.Tensor:
+    """w.clone(), kept out of torch.compile graphs: traced, the clone is cheap enough that the backward
+    graph recomputes it from the weight, after _update has rewritten the weight in place (autograd
+    then refuses: "modified by an inplace operation"). Made eagerly, the copy itself is saved."""
+    return w.clone()
+
+
 class Codebook(nn.Module):
     """z: (B, D, h, w) -> (z_q, indices (B, h, w), loss)."""
 
@@ -79,7 +87,7 @@ class Codebook(nn.Module):
 
     def codes(self, copy: bool = False) -> torch.Tensor:
         """The code vectors in lookup space, (K, codebook_dim), l2-normalised when enabled."""
-        w = self.embedding.weight.clone() if copy else self.embedding.weight
+        w = _snapshot(self.embedding.weight) if copy else self.embedding.weight
         return F.normalize(w, dim=-1) if self.l2_normalize else w
 
     def _project_in(self, z_flat: torch.Tensor) -> torch.Tensor:
@@ -120,6 +128,9 @@ class Codebook(nn.Module):
         z_q = z_q.reshape(B, h, w, D).permute(0, 3, 1, 2).to(z.dtype)  # (B, D, h, w)
         return z_q, indices.reshape(B, h, w), loss
 
+    # Not traced by torch.compile: bookkeeping full of data-dependent branches, host reads and collectives,
+    # whose random restart picks must come from the global RNG exactly as in eager mode.
+    @torch.compiler.disable
     @torch.no_grad()
     def _update(self, z_e: torch.Tensor, indices: torch.Tensor):
         """EMA code update and dead-code restarts; every rank ends with the same codebook."""

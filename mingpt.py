@@ -101,6 +101,24 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, do_sample
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
+# decode_step attends over every slot of the cache it is given, so on the CPU generate hands it views of
+# the first n slots rounded up to a multiple of this: each step reads at most this many slots it needs
+# not. Measured at 4 layers x 16 heads x 1024, batch 8, one thread: attending over 256 slots instead
+# of 64 added ~5 ms to a ~19 ms compiled step.
+CACHE_WINDOW = 32
+
+
+def cache_window(cache, n):
+    """Views of the first n (rounded up to a multiple of CACHE_WINDOW, at most the cache length) slots of
+    each layer's (k, v) in cache; decode_step's writes go through them into cache. On CUDA the whole
+    cache: a CUDA graph replays with the same (static) tensors at every step."""
+    k0 = cache[0][0]
+    m = min(k0.size(2), -(-n // CACHE_WINDOW) * CACHE_WINDOW)
+    if k0.is_cuda or m == k0.size(2):
+        return cache
+    return [(k[:, :, :m], v[:, :, :m]) for k, v in cache]
+
+
 def compile_decode_step(gpt, freeze=True):
     """torch.compile of gpt.decode_step (one graph, fullgraph) -> a callable with its signature, for generate.
 
@@ -115,7 +133,14 @@ def compile_decode_step(gpt, freeze=True):
     The first calls compile (tens of seconds on a CPU); later calls of the same shapes reuse it."""
     if gpt.head.weight.is_cuda:
         return torch.compile(gpt.decode_step, fullgraph=True, options={"triton.cudagraphs": True})
-    return torch.compile(gpt.decode_step, fullgraph=True, dynamic=True, options={"freezing": freeze})
+    compiled = torch.compile(gpt.decode_step, fullgraph=True, dynamic=True)
+
+    def step(idx, cache, pos):
+        # freezing is read when the first call compiles; torch.compile(options=...) does not reach it
+        with torch._inductor.config.patch(freezing=freeze):
+            return compiled(idx, cache, pos)
+
+    return step
 
 
 class CausalSelfAttention(nn.Module):
@@ -379,7 +404,7 @@ class GPT(nn.Module):
                 logits = self.forward_cached(out[:, :n], cache, 0)[:, -1]  # prefill, (B, V)
             else:
                 pos += 1  # in place: no new host-to-device copy per token
-                logits = decode_step(out[:, n - 1 : n], cache, pos)  # (B, V)
+                logits = decode_step(out[:, n - 1 : n], cache_window(cache, n), pos)  # (B, V)
             if logits_processor is not None:
                 logits = logits_processor(logits, out[:, :n])
             out[:, n : n + 1] = sample_next_token(logits, temperature, top_k, top_p, do_sample, generator)

@@ -410,7 +410,7 @@ def main(argv=None):
     utils.broadcast_module_state(model)  # every rank starts from rank 0's GPT
     # A compiled wrapper for the training step only; it shares the model's parameters, so checkpoints
     # (saved from model), EMA, validation and grids see the plain model.
-    ddp_model = torch.compile(model) if cfg.compile else model
+    ddp_model = utils.compile_module(model) if cfg.compile else model
     if world > 1:
         # The frozen VQGAN's parameters need no gradients, so DDP leaves them out of its reducer;
         # the GPT's all get gradients, so find_unused_parameters stays False.

@@ -526,8 +526,8 @@ def main(argv=None):
     if cfg.compile:
         # Compiled wrappers for the training step only; they share the modules' parameters, so the
         # checkpoints (saved from model and disc), EMA, grids and validation see the plain modules.
-        ddp_model, ddp_disc = torch.compile(model), torch.compile(disc)
-    step_perceptual = torch.compile(perceptual) if cfg.compile and perceptual is not None else perceptual
+        ddp_model, ddp_disc = utils.compile_module(model), utils.compile_module(disc)
+    step_perceptual = utils.compile_module(perceptual) if cfg.compile and perceptual is not None else perceptual
     if world > 1:
         # Separate wrappers: each optimiser's backward all-reduces its own module's gradients. All
         # trainable parameters get gradients (an EMA codebook's vectors have requires_grad False),

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mingpt import GPT, sample_next_token
+from mingpt import GPT, cache_window, sample_next_token
 from vqgan import VQGAN, VQGANConfig
 
 
@@ -204,7 +204,7 @@ class VQGANTransformer(nn.Module):
                 logits = self.gpt.forward_cached(seq, cache, 0)[:, -1]  # prefill, (B', V)
             else:
                 pos += 1  # in place: no host-to-device copy per token
-                logits = decode_step(seq[:, -1:], cache, pos)  # (B', V)
+                logits = decode_step(seq[:, -1:], cache_window(cache, seq.shape[1]), pos)  # (B', V)
             logits = logits[:, : self.sample_vocab].float()  # (B', K)
             if uncond_start is not None:
                 logits = guided_logits(logits[:B], logits[B:], cfg_scale)  # (B, K)

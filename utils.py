@@ -491,6 +491,14 @@ def setup_cuda_math(device: torch.device, tf32: bool, cudnn_benchmark: bool = Fa
     torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
+def compile_module(module: torch.nn.Module):
+    """torch.compile(module) for a training step: a wrapper sharing the module's parameters (save from the
+    module itself: its state-dict keys have no "_orig_mod." prefix). fallback_random: random ops
+    (dropout, stage two's pkeep noise) draw from the global RNG exactly as in eager mode, so compiled and
+    eager runs see the same random numbers and a run resumes the same with or without --compile."""
+    return torch.compile(module, options={"fallback_random": True})
+
+
 def autocast(device: torch.device, precision: str):
     """The one autocast context of a training step (a no-op for fp32)."""
     if precision == "fp32":

@@ -1,18 +1,28 @@
-"""Speed benchmark on whatever device is present: stage-one training, stage-two training, sampling.
+"""Speed benchmark on whatever device is present: training, data loading, file scan, sampling.
 
-    python benchmark.py                                   # demo presets, auto device
+    python benchmark.py                                   # demo presets, auto device: the whole table
+    python benchmark.py --compile                         # ... with compiled against eager
     python benchmark.py --preset f16 --image-size 256 --batch-size 8 --device cuda --json bench.json
+    python benchmark.py --preset f16 --gpt-preset paper --sample-n-layer 4 --no-stage-one --no-loader \
+        --no-stage-two --scan-files 0 --compile --clock cpu   # sampling against the reference's sample()
 
 Measures, with random weights (speed does not depend on them):
 - stage one: VQGAN training steps (training_vqgan.generator_step, then discriminator_step once the
-  GAN is on) in images/s, before and after disc_start, with peak memory and FLOPs per step;
+  GAN is on) in images/s, before and after disc_start, with peak memory and FLOPs per step; with
+  --compile also the torch.compile'd step, in the same rounds;
+- loading: the stage-one DataLoader alone, in images/s (is it the bottleneck?);
+- file scan: data.find_images on --scan-files generated JPEGs, first and cached (wall clock);
 - stage two: GPT training in tokens/s on cached codes vs encoding every batch
   (benchmark_code_cache, on the demo photos);
-- sampling: tokens/s of mingpt.GPT.generate with the KV cache vs recomputing the whole prefix.
+- sampling: tokens/s of mingpt.GPT.generate with the static KV cache (eager, and compiled with
+  --compile) against sampling without a cache: our generate(use_cache=False) and the loop of
+  dome272/VQGAN-pytorch's sample() (reference_sample), on the same weights, checking the tokens agree.
 
 Each measurement runs --warmup untimed rounds, then --repeats timed rounds of --steps steps; the
 pipelines being compared alternate within each round, so load from other processes hits them alike,
-and the table shows medians.
+and the table shows medians. The samplers without a cache take minutes at the paper's width: they
+run --recompute-repeats rounds without warm-up. --clock cpu times the process's CPU seconds instead
+of wall time, for one-thread runs on cores that other processes share.
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated over the warm-up round (tensors only, not the
 allocator's cache). On the CPU, the process's peak resident set size (resource ru_maxrss) after the
@@ -20,16 +30,19 @@ warm-up round: a high-water mark of the whole process, torch included, and monot
 can only show a peak at least as high as the phase before it.
 
 FLOPs per step are counted once per phase with torch.utils.flop_counter.FlopCounterMode (matmuls
-and convolutions, forward and backward). Utilisation is achieved FLOP/s over the device's dense
-bf16/fp16 tensor peak, for the GPUs in DEVICE_PEAK_TFLOPS and bf16/fp16 precision only.
+and convolutions, forward and backward) on the eager step. MFU (model FLOPs utilisation) is achieved
+FLOP/s over the device's dense bf16/fp16 tensor peak, for the GPUs in DEVICE_PEAK_TFLOPS and bf16/fp16
+precision only.
 """
 
+import itertools
 import math
 import resource
 import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cli
 import data
+import trainer
 import training_vqgan
 from cli import UserError, field
 from devices import PRECISIONS, autocast, resolve_device, resolve_precision
@@ -86,7 +100,13 @@ class BenchConfig:
     steps: int = field(3, "steps per timed round")
     warmup: int = field(1, "untimed rounds before timing")
     repeats: int = field(5, "timed rounds; the table shows medians")
+    channels_last: bool = field(False, "stage one in channels-last memory (training_vqgan --channels-last)")
+    num_workers: int = field(-1, "loader workers of the loading benchmark (-1: the preset's)")
+    dataset_path: str = field("", "images for the loading benchmark (default: the demo photos)")
+    scan_files: int = field(2000, "time the file scan, first and cached, on this many generated JPEGs in a "
+                                  "temporary folder (0: skip)")
     stage_one: bool = field(True, "measure stage-one training")
+    loader: bool = field(True, "measure the stage-one data loader alone")
     stage_two: bool = field(True, "measure stage-two training (cached codes vs encoding per batch)")
     sampling: bool = field(True, "measure sampling (KV cache vs full recompute)")
     clock: str = field("wall", "wall: elapsed seconds; cpu: this process's CPU seconds (all threads "
@@ -101,18 +121,21 @@ class BenchConfig:
         the sampling benchmark runs the same architecture's code grid."""
         cli.check_ranges(self, {"image_size": ">= 0", "batch_size": ">= 0", "gpt_batch_size": ">= 1",
                                   "sample_batch_size": ">= 1", "steps": ">= 1", "warmup": ">= 0", "repeats": ">= 1",
-                                  "seed": cli.SEED_RANGE})
+                                  "seed": cli.SEED_RANGE, "top_k": ">= 1", "sample_n_layer": ">= 0",
+                                  "recompute_repeats": ">= 0", "num_workers": ">= -1", "scan_files": ">= 0"})
         stage_one_config(self).validate()
 
 
 def stage_one_config(cfg: BenchConfig) -> training_vqgan.TrainConfig:
-    """The stage-one training config measured: the preset's, with --image-size/--batch-size, and the GAN
-    switching on at step 1 (step 0: GAN off; step 1: GAN on)."""
-    overrides = {"disc_start": 1, "disc_factor": 1.0}
+    """The stage-one training config measured: the preset's, with --image-size, --batch-size,
+    --channels-last and --num-workers, and the GAN switching on at step 1 (step 0: GAN off; step 1: GAN on)."""
+    overrides = {"disc_start": 1, "disc_factor": 1.0, "channels_last": cfg.channels_last}
     if cfg.image_size:
         overrides["image_size"] = cfg.image_size
     if cfg.batch_size:
         overrides["batch_size"] = cfg.batch_size
+    if cfg.num_workers >= 0:
+        overrides["num_workers"] = cfg.num_workers
     if not cfg.perceptual:
         overrides["perceptual_loss_factor"] = 0.0
     return training_vqgan.TrainConfig(**{**training_vqgan.TRAIN_PRESETS[cfg.preset], **overrides})
@@ -184,47 +207,122 @@ def measure(phases: dict, device, warmup: int, repeats: int, work_per_call: floa
 # ----------------------------------------------------------------------------- the three benchmarks
 
 def bench_stage_one(cfg: BenchConfig, device, precision: str) -> dict:
-    """Stage-one training images/s before and after disc_start, peak memory, FLOPs per step."""
+    """Stage-one training images/s before and after disc_start, peak memory, FLOPs per step; with
+    --compile also the compiled step (torch.compile of the VQGAN, discriminator and LPIPS, as
+    training_vqgan --compile does), timed in the same rounds, its compile time apart."""
     tcfg = stage_one_config(cfg)  # checked by BenchConfig.validate
     torch.manual_seed(cfg.seed)
-    model = VQGAN(training_vqgan.model_config(tcfg)).to(device).train()
-    disc = Discriminator(tcfg.in_channels, tcfg.disc_ndf, tcfg.disc_layers).to(device).train()
+    memory_format = torch.channels_last if tcfg.channels_last else torch.contiguous_format
+    model = VQGAN(training_vqgan.model_config(tcfg)).to(device, memory_format=memory_format).train()
+    disc = Discriminator(tcfg.in_channels, tcfg.disc_ndf, tcfg.disc_layers).to(device, memory_format=memory_format)
+    disc.train()
     perceptual, note = None, "no LPIPS (--no-perceptual)"
     if cfg.perceptual:
         try:
-            perceptual = training_vqgan.build_perceptual(tcfg, device)
+            perceptual = training_vqgan.build_perceptual(tcfg, device).to(memory_format=memory_format)
             note = "with LPIPS"
         except UserError as e:
             note = f"no LPIPS: VGG16 weights not found ({str(e)[:60]}...)"
     if perceptual is None:
         tcfg.perceptual_loss_factor = 0.0
     betas = (tcfg.beta1, tcfg.beta2)
-    opt_g = torch.optim.Adam(model.parameters(), lr=tcfg.learning_rate, betas=betas)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=tcfg.learning_rate, betas=betas)
+    fused = True if tcfg.fused_optimizer else None  # as training_vqgan
+    opt_g = torch.optim.Adam(model.parameters(), lr=tcfg.learning_rate, betas=betas, fused=fused)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=tcfg.learning_rate, betas=betas, fused=fused)
     scaler_g = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     scaler_d = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     amp = autocast(device, precision)
     x = torch.rand(tcfg.batch_size, 3, tcfg.image_size, tcfg.image_size, device=device) * 2 - 1
+    x = x.contiguous(memory_format=memory_format)
 
-    def step(gan_on: bool):
-        g = training_vqgan.generator_step(model, disc, perceptual, x, int(gan_on), tcfg, opt_g, scaler_g, amp)
+    def step(gan_on: bool, nets=(model, disc, perceptual)):
+        m, d, p = nets
+        g = training_vqgan.generator_step(m, d, p, x, int(gan_on), tcfg, opt_g, scaler_g, amp)
         if g["disc_on"]:
-            training_vqgan.discriminator_step(disc, x, g["x_rec"], opt_d, scaler_d, amp, tcfg.disc_factor)
+            training_vqgan.discriminator_step(d, x, g["x_rec"], opt_d, scaler_d, amp, tcfg.disc_factor)
 
     phases = {"before_disc_start": lambda: [step(False) for _ in range(cfg.steps)],
               "after_disc_start": lambda: [step(True) for _ in range(cfg.steps)]}
+    compile_s = {}
+    if cfg.compile:
+        nets = (trainer.compile_module(model), trainer.compile_module(disc),
+                trainer.compile_module(perceptual) if perceptual else None)
+        for name, gan_on in (("before_disc_start", False), ("after_disc_start", True)):
+            compile_s[name] = _timed(lambda: step(gan_on, nets), device)  # the first call compiles
+        phases["before_disc_start_compiled"] = lambda: [step(False, nets) for _ in range(cfg.steps)]
+        phases["after_disc_start_compiled"] = lambda: [step(True, nets) for _ in range(cfg.steps)]
     res = measure(phases, device, cfg.warmup, cfg.repeats, cfg.steps * tcfg.batch_size)
     peak = device_peak_tflops(device, precision)
-    for name, gan_on in (("before_disc_start", False), ("after_disc_start", True)):
-        r = res[name]
+    for name, r in res.items():
+        gan_on = name.startswith("after")
         r["images_per_sec"] = r.pop("median")
+        # counted on the eager step (the counter does not see inside compiled graphs); the same math
         r["flops_per_step"] = _flops(lambda: step(gan_on))
         r["tflops_per_sec"] = r["flops_per_step"] * r["images_per_sec"] / tcfg.batch_size / 1e12
         if peak is not None:
-            r["utilization"] = r["tflops_per_sec"] / peak
+            r["utilization"] = r["tflops_per_sec"] / peak  # model FLOPs utilisation (MFU)
+        if name.endswith("_compiled"):
+            r["compile_seconds"] = compile_s[name.removesuffix("_compiled")]
+            r["speedup_over_eager"] = r["images_per_sec"] / res[name.removesuffix("_compiled")]["images_per_sec"]
     return {**res, "ratio_after_before": res["after_disc_start"]["images_per_sec"]
             / res["before_disc_start"]["images_per_sec"], "batch_size": tcfg.batch_size,
-            "image_size": tcfg.image_size, "perceptual": note, "peak_tflops": peak}
+            "image_size": tcfg.image_size, "perceptual": note, "peak_tflops": peak,
+            "channels_last": tcfg.channels_last}
+
+
+def bench_loader(cfg: BenchConfig, device) -> dict:
+    """Images/s of the stage-one data loader alone (training_vqgan.make_loader over --dataset-path or the
+    demo photos: decode, resize, crop, flip, collate, copy to the device), epoch after epoch: when it is
+    below the training step's images/s, loading is the bottleneck."""
+    tcfg = stage_one_config(cfg)
+    root = Path(cfg.dataset_path).expanduser() if cfg.dataset_path else data.DEMO_DATA
+    dataset = data.ImageDataset(data.find_images(root), tcfg.image_size, train=True)
+    if len(dataset) < tcfg.batch_size:
+        raise UserError(f"--batch-size {tcfg.batch_size} is larger than the {len(dataset)} images in {root}")
+    loader = training_vqgan.make_loader(dataset, tcfg, 0, device=device)
+
+    def batches():
+        for epoch in itertools.count():
+            loader.batch_sampler.set_epoch(epoch)
+            yield from loader
+
+    it = batches()
+
+    def pull():
+        for _ in range(cfg.steps):
+            next(it)[0].to(device, non_blocking=True)
+
+    res = measure({"loader": pull}, device, cfg.warmup, cfg.repeats, cfg.steps * tcfg.batch_size)["loader"]
+    res["images_per_sec"] = res.pop("median")
+    return {**res, "num_workers": tcfg.num_workers, "images": len(dataset), "root": str(root)}
+
+
+def bench_scan(cfg: BenchConfig) -> dict:
+    """Seconds data.find_images spends on --scan-files generated 32x32 JPEGs (1000 per subfolder, in a
+    temporary folder): the first scan vets every file; the second finds each in the run folder's scan
+    cache. Both run with the files in the OS page cache (just written), so a cold disk is slower."""
+    import io
+    import tempfile
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_noise((32, 32), 64).convert("RGB").save(buf, "JPEG", quality=90)
+    jpeg = buf.getvalue()
+    with tempfile.TemporaryDirectory(prefix="vqgan_scan_bench_") as tmp:
+        root, cache = Path(tmp) / "images", Path(tmp) / "run" / "cache" / "file_scan.json"
+        for i in range(cfg.scan_files):
+            if i % 1000 == 0:
+                (root / f"{i // 1000:05d}").mkdir(parents=True)
+            (root / f"{i // 1000:05d}" / f"{i:07d}.jpg").write_bytes(jpeg)
+        times = {}
+        for name in ("first_scan", "cached_scan"):
+            t0 = time.perf_counter()
+            n = len(data.find_images(root, cache_file=cache))
+            times[name] = time.perf_counter() - t0
+        assert n == cfg.scan_files
+    return {"files": cfg.scan_files, **{f"{k}_seconds": v for k, v in times.items()},
+            **{f"{k}_files_per_sec": cfg.scan_files / v for k, v in times.items()}}
 
 
 def bench_stage_two(cfg: BenchConfig, device) -> dict | None:
@@ -428,13 +526,31 @@ def format_table(results: dict) -> str:
     rows = []  # (what, value, unit, extra)
     s1 = results.get("stage_one")
     if s1:
-        for name, label in (("before_disc_start", "before disc_start"), ("after_disc_start", "after disc_start")):
+        for name in ("before_disc_start", "after_disc_start", "before_disc_start_compiled", "after_disc_start_compiled"):
+            if name not in s1:
+                continue
             r = s1[name]
+            label = name.replace("_disc_start", " disc_start").replace("_compiled", ", compiled")
             extra = f"peak {r['peak_mem_mb']:.0f} MiB, {r['flops_per_step'] / 1e9:.1f} GFLOP/step"
             if "utilization" in r:
-                extra += f", {r['tflops_per_sec']:.1f} TFLOP/s = {100 * r['utilization']:.1f}% of peak"
+                extra += f", {r['tflops_per_sec']:.1f} TFLOP/s = {100 * r['utilization']:.1f}% MFU"
+            if "compile_seconds" in r:
+                extra += f", {r['speedup_over_eager']:.2f}x eager, compile {r['compile_seconds']:.1f} s"
             rows.append((f"stage 1 train, {label}", r["images_per_sec"], "images/s", extra))
-        rows.append(("  after / before", s1["ratio_after_before"], "x", s1["perceptual"]))
+        rows.append(("  after / before", s1["ratio_after_before"], "x", s1["perceptual"]
+                     + (", channels-last" if s1.get("channels_last") else "")))
+    ld = results.get("loader")
+    if ld:
+        note = f"{ld['num_workers']} workers, {ld['images']} images"
+        if s1:
+            note += f"; {ld['images_per_sec'] / s1['before_disc_start']['images_per_sec']:.1f}x the eager step's rate"
+        rows.append(("stage 1 data loading only", ld["images_per_sec"], "images/s", note))
+    sc = results.get("scan")
+    if sc:
+        rows.append((f"file scan, first ({sc['files']} files)", sc["first_scan_seconds"], "s",
+                     f"{sc['first_scan_files_per_sec']:.0f} files/s, wall clock"))
+        rows.append((f"file scan, cached ({sc['files']} files)", sc["cached_scan_seconds"], "s",
+                     f"{sc['cached_scan_files_per_sec']:.0f} files/s, wall clock"))
     s2 = results.get("stage_two")
     if s2:
         rows.append(("stage 2 train, cached codes", s2["cached_tokens_per_sec"], "tokens/s", ""))
@@ -471,8 +587,8 @@ def main(argv=None):
     device = resolve_device(cfg.device)
     if min(cfg.steps, cfg.repeats, cfg.gpt_batch_size, cfg.sample_batch_size, cfg.top_k) < 1 or cfg.warmup < 0:
         raise UserError("--steps, --repeats, --top-k and the batch sizes must be at least 1, --warmup at least 0")
-    if cfg.sample_n_layer < 0 or cfg.recompute_repeats < 0:
-        raise UserError("--sample-n-layer and --recompute-repeats must be at least 0")
+    if min(cfg.sample_n_layer, cfg.recompute_repeats, cfg.scan_files) < 0:
+        raise UserError("--sample-n-layer, --recompute-repeats and --scan-files must be at least 0")
     if cfg.clock == "cpu" and device.type != "cpu":
         raise UserError(f"--clock cpu times CPU work only; on {device} use --clock wall")
     global _CLOCK
@@ -486,6 +602,10 @@ def main(argv=None):
           f"preset {cfg.preset}, GPT {cfg.gpt_preset}; medians of {cfg.repeats} rounds of {cfg.steps} steps")
     if cfg.stage_one:
         results["stage_one"] = bench_stage_one(cfg, device, precision)
+    if cfg.loader:
+        results["loader"] = bench_loader(cfg, device)
+    if cfg.scan_files:
+        results["scan"] = bench_scan(cfg)
     if cfg.stage_two:
         results["stage_two"] = bench_stage_two(cfg, device)
         if results["stage_two"] is None:

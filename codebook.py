@@ -129,6 +129,9 @@ class Codebook(nn.Module):
         z_q = z_q.reshape(B, h, w, D).permute(0, 3, 1, 2).to(z.dtype)  # (B, D, h, w)
         return z_q, indices.reshape(B, h, w), loss
 
+    # Not traced by torch.compile (training --compile): bookkeeping that keeps tensors on the module
+    # between forwards; traced, it would be a graph break or a stale capture.
+    @torch.compiler.disable
     @torch.no_grad()
     def _accumulate(self, z_e: torch.Tensor, indices: torch.Tensor):
         """Add one training forward's codes to the pending step: z_e (N, d), indices (N,)."""

@@ -340,6 +340,11 @@ class EpochBatchSampler:
         self.rank, self.world_size = rank, world_size
         self.start = start_sample + start_batch * batch_size * world_size  # position in the permutation
 
+    def set_epoch(self, epoch: int, start_sample: int = 0):
+        """Serve `epoch` from its `start_sample`-th sample on the next pass (a DataLoader that keeps its
+        workers alive keeps its sampler, so the epoch is changed here)."""
+        self.epoch, self.start = epoch, start_sample
+
     def __len__(self) -> int:
         return max(self.n - self.start, 0) // (self.batch_size * self.world_size)
 

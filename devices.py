@@ -40,6 +40,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def setup_cuda_math(device: torch.device, tf32: bool, cudnn_benchmark: bool = False):
+    """On CUDA: TF32 tensor cores for fp32 matmuls and convolutions (inputs rounded to 10 mantissa bits,
+    fp32 accumulation: NVIDIA's default for cuDNN convolutions, and PyTorch's for matmuls before 1.12)
+    or full IEEE fp32; and whether cuDNN times its convolution algorithms once per input shape.
+    Process-wide settings; nothing happens on other devices."""
+    if device.type != "cuda":
+        return
+    precision = "tf32" if tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
 def autocast(device: torch.device, precision: str):
     """The one autocast context of a training step (a no-op for fp32)."""
     if precision == "fp32":

@@ -18,7 +18,6 @@ write that loop yourself with `allocate_cache`, `forward_cached` and `decode_ste
 `generate` for the pattern, transformer.py for the guided loop).
 """
 
-import inspect
 import math
 import numbers
 from dataclasses import asdict, dataclass
@@ -148,6 +147,24 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, do_sample
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
+# decode_step attends over every slot of the cache it is given, so on the CPU generate hands it views of
+# the first n slots rounded up to a multiple of this: each step reads at most this many slots it needs
+# not. Measured at 4 layers x 16 heads x 1024, batch 8, one thread: attending over 256 slots instead
+# of 64 added ~5 ms to a ~19 ms compiled step.
+CACHE_WINDOW = 32
+
+
+def cache_window(cache, n):
+    """Views of the first n (rounded up to a multiple of CACHE_WINDOW, at most the cache length) slots of
+    each layer's (k, v) in cache; decode_step's writes go through them into cache. On CUDA the whole
+    cache: a CUDA graph replays with the same (static) tensors at every step."""
+    k0 = cache[0][0]
+    m = min(k0.size(2), -(-n // CACHE_WINDOW) * CACHE_WINDOW)
+    if k0.is_cuda or m == k0.size(2):
+        return cache
+    return [(k[:, :, :m], v[:, :, :m]) for k, v in cache]
+
+
 def compile_decode_step(gpt, freeze=True):
     """torch.compile of gpt.decode_step (one graph, fullgraph) -> a callable with its signature, for generate.
 
@@ -162,7 +179,14 @@ def compile_decode_step(gpt, freeze=True):
     The first calls compile (tens of seconds on a CPU); later calls of the same shapes reuse it."""
     if gpt.head.weight.is_cuda:
         return torch.compile(gpt.decode_step, fullgraph=True, options={"triton.cudagraphs": True})
-    return torch.compile(gpt.decode_step, fullgraph=True, dynamic=True, options={"freezing": freeze})
+    compiled = torch.compile(gpt.decode_step, fullgraph=True, dynamic=True)
+
+    def step(idx, cache, pos):
+        # freezing is read when the first call compiles; torch.compile(options=...) does not reach it
+        with torch._inductor.config.patch(freezing=freeze):
+            return compiled(idx, cache, pos)
+
+    return step
 
 
 class CausalSelfAttention(nn.Module):
@@ -427,14 +451,18 @@ class GPT(nn.Module):
                 logits = self.forward_cached(out[:, :n], cache, 0)[:, -1]  # prefill, (B, V)
             else:
                 pos += 1  # in place: no new host-to-device copy per token
-                logits = decode_step(out[:, n - 1 : n], cache, pos)  # (B, V)
+                logits = decode_step(out[:, n - 1 : n], cache_window(cache, n), pos)  # (B, V)
             if logits_processor is not None:
                 logits = logits_processor(logits, out[:, :n])
             out[:, n : n + 1] = sample_next_token(logits, temperature, top_k, top_p, do_sample, generator)
         return out
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas):
-        """AdamW with weight decay on Linear weights only; biases, LayerNorm, embeddings and pos_emb are not decayed."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, fused=True):
+        """AdamW with weight decay on Linear weights only; biases, LayerNorm, embeddings and pos_emb are not decayed.
+
+        fused: AdamW's fused kernels (CUDA and CPU; for stage one's Adam on one CPU thread 3x faster than the
+        per-parameter loop); the weights differ from the loop's by ~1e-6 after 3 steps (the order of the
+        decoupled weight decay's operations). False: torch's default (foreach on CUDA, the loop on the CPU)."""
         decay, no_decay = [], []
         for module in self.modules():
             for name, p in module.named_parameters(recurse=False):
@@ -446,11 +474,7 @@ class GPT(nn.Module):
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        extra = {}
-        on_cuda = all(p.is_cuda for p in self.parameters())
-        if on_cuda and "fused" in inspect.signature(torch.optim.AdamW).parameters:
-            extra["fused"] = True  # one kernel for all parameters; otherwise torch picks foreach itself
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True if fused else None)
 
     def num_params(self):
         """Number of parameters."""

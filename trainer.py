@@ -25,7 +25,7 @@ import distributed
 import loggers
 import utils
 from cli import UserError, check_ranges, config_dict
-from devices import autocast, resolve_device, resolve_precision
+from devices import autocast, resolve_device, resolve_precision, setup_cuda_math
 
 MAX_BAD_STEPS = 10  # consecutive non-finite steps after which a run stops, its last good checkpoint intact
 
@@ -54,12 +54,14 @@ class Run:
 
 
 def setup(cfg) -> Run:
-    """Device (cfg.device), precision (cfg.precision) and, under torchrun (RANK set), the process group:
-    NCCL on cuda:LOCAL_RANK, else gloo."""
+    """Device (cfg.device), precision (cfg.precision), CUDA math (cfg.tf32, cfg.cudnn_benchmark when the
+    config has it) and, under torchrun (RANK set), the process group: NCCL on cuda:LOCAL_RANK, else gloo."""
     dinfo, device = distributed.setup_distributed(resolve_device(cfg.device))
     precision = resolve_precision(cfg.precision, device)
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("--precision bf16 is not supported on this GPU; use fp16 or fp32")
+    # --tf32 and (stage one only) --cudnn-benchmark; nothing happens off CUDA
+    setup_cuda_math(device, cfg.tf32, getattr(cfg, "cudnn_benchmark", False))
     return Run(device, precision, autocast(device, precision), dinfo)
 
 
@@ -155,15 +157,26 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
         e.copy_(b)
 
 
-def wrap_ddp(module: torch.nn.Module, run: Run) -> torch.nn.Module:
-    """Every rank starts from rank 0's parameters and buffers; with several processes the module is
+def compile_module(module: torch.nn.Module):
+    """torch.compile(module) for a training step: a wrapper sharing the module's parameters (save from the
+    module itself: its state-dict keys have no "_orig_mod." prefix). fallback_random: random ops
+    (dropout, stage two's pkeep noise) draw from the global RNG exactly as in eager mode, so compiled and
+    eager runs see the same random numbers and a run resumes the same with or without --compile."""
+    return torch.compile(module, options={"fallback_random": True})
+
+
+def wrap_ddp(module: torch.nn.Module, run: Run, compile: bool = False) -> torch.nn.Module:
+    """The module as the training step calls it. Every rank starts from rank 0's parameters and buffers;
+    with `compile` (--compile) a compiled wrapper (compile_module); with several processes that is
     wrapped in DistributedDataParallel without buffer broadcasts (forward_sync_buffers False: the
     codebook keeps itself identical, BatchNorm statistics stay per rank, rank 0's are saved). Every
-    trainable parameter gets a gradient, so find_unused_parameters stays False."""
+    trainable parameter gets a gradient, so find_unused_parameters stays False. Checkpoints, EMA and
+    grids use `module` itself."""
     distributed.broadcast_module_state(module)
+    wrapped = compile_module(module) if compile else module
     if run.world == 1:
-        return module
-    return DistributedDataParallel(module, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+        return wrapped
+    return DistributedDataParallel(wrapped, device_ids=[run.device.index] if run.device.type == "cuda" else None,
                                    forward_sync_buffers=False)
 
 

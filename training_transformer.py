@@ -86,6 +86,12 @@ class TrainConfig:
     precision: str = field("auto", "auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16",
                            choices=list(PRECISIONS))
     num_workers: int = field(2, "data loader workers for the one-off encoding pass")
+    # Speed switches; none of them changes what is saved (checkpoints come from the plain modules).
+    compile: bool = field(False, "torch.compile the model for the training step (validation and grids run "
+                                 "the plain model); see README, Speed")
+    tf32: bool = field(True, "on CUDA: TF32 tensor cores for fp32 matmuls (--precision fp32)")
+    fused_optimizer: bool = field(True, "fused AdamW kernels (fused=True, CUDA and CPU); off: torch's default "
+                                        "(foreach on CUDA, a per-parameter loop on the CPU)")
     seed: int = field(0, "random seed")
     log_every: int = field(10, "steps between metrics.jsonl records")
     logger: tuple[str, ...] = field((), "live dashboards besides results/metrics.jsonl: tensorboard, wandb or none; "
@@ -419,7 +425,8 @@ def main(argv=None):
     # early, so a run stopped there and resumed follows the same learning rates as an unbroken one.
     schedule_steps = cfg.epochs * steps_per_epoch if cfg.epochs > 0 else cfg.max_steps
 
-    opt = model.gpt.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
+    opt = model.gpt.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                         fused=cfg.fused_optimizer)
     scaler = trainer.grad_scaler(run)
     ema = trainer.make_ema(lambda: ema_copy(model, run.device), cfg.weight_ema_decay, run, ckpt)
     if ckpt is not None:
@@ -428,8 +435,10 @@ def main(argv=None):
     progress = trainer.resume_progress(ckpt, cfg, run, logger, last_path, global_batch)
     del ckpt
     shown = ema if ema is not None else model  # what grids and validation use
-    # The frozen VQGAN's parameters need no gradients, so DDP leaves them out of its reducer.
-    ddp_model = trainer.wrap_ddp(model, run)
+    # The frozen VQGAN's parameters need no gradients, so DDP leaves them out of its reducer. With
+    # --compile a compiled wrapper for the training step only; it shares the model's parameters, so
+    # checkpoints (saved from model), EMA, validation and grids see the plain model.
+    ddp_model = trainer.wrap_ddp(model, run, compile=cfg.compile)
 
     cfg = dataclasses.replace(cfg, vqgan_path=str(vqgan_path))
     trainer.start_logging(cfg, out, "transformer", logger, run, progress[0])

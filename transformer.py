@@ -23,7 +23,7 @@ from huggingface_hub import PyTorchModelHubMixin
 import hub
 from checkpoints import load_checkpoint
 from cli import config_dict, dataclass_from_dict
-from mingpt import GPT, check_sampling, sample_next_token
+from mingpt import GPT, cache_window, check_sampling, sample_next_token
 from taming_compat import checkpoint_format, taming_transformer
 from vqgan import VQGAN, VQGANConfig, vqgan_from_state_dict
 
@@ -220,7 +220,7 @@ class VQGANTransformer(nn.Module, PyTorchModelHubMixin, paper_url=hub.PAPER_URL,
                 pos = torch.full((1,), seq.shape[1] - 1, dtype=torch.long, device=prefix.device)
             else:
                 pos += 1  # in place: no host-to-device copy per token
-                logits = decode_step(seq[:, -1:], cache, pos)  # (B', V)
+                logits = decode_step(seq[:, -1:], cache_window(cache, seq.shape[1]), pos)  # (B', V)
             logits = logits[:, : self.sample_vocab].float()  # (B', K)
             if uncond_start is not None:
                 logits = guided_logits(logits[:B], logits[B:], cfg_scale)  # (B, K)

@@ -10,7 +10,7 @@ import benchmark
 
 TINY = ["--preset", "tiny", "--gpt-preset", "tiny", "--steps", "1", "--repeats", "2", "--warmup", "1",
         "--no-perceptual", "--batch-size", "2", "--gpt-batch-size", "2", "--sample-batch-size", "2",
-        "--device", "cpu"]
+        "--device", "cpu", "--num-workers", "0", "--scan-files", "30"]
 
 
 def test_benchmark_end_to_end(tmp_path, capsys):
@@ -29,17 +29,23 @@ def test_benchmark_end_to_end(tmp_path, capsys):
     assert saved["stage_two"]["cached_tokens_per_sec"] > 0 and saved["stage_two"]["speedup"] > 0
     sm = saved["sampling"]
     assert sm["tokens_per_sample"] == 16 * 16 and sm["kv_cache"]["tokens_per_sec"] > 0
-    base = sm["baseline"]  # issue 13: speedups of every sampler over the uncached baseline
-    assert sm["speedup"]["kv_cache"] == pytest.approx(sm["kv_cache"]["tokens_per_sec"] / sm[base]["tokens_per_sec"])
+    assert sm["baseline"] == "reference" and len(sm["reference"]["runs"]) == 1  # --recompute-repeats 1
+    assert sm["speedup"]["kv_cache"] == pytest.approx(
+        sm["kv_cache"]["tokens_per_sec"] / sm["reference"]["tokens_per_sec"])
+    # the static cache, our sampler without a cache and the reference's loop draw the same tokens
+    assert sm["same_tokens"] == {"full_recompute": True, "reference": True}
+    assert saved["loader"]["images_per_sec"] > 0 and saved["loader"]["num_workers"] == 0
+    assert saved["scan"]["files"] == 30 and saved["scan"]["cached_scan_seconds"] > 0
     assert results["device"] == "cpu"
     table = capsys.readouterr().out
-    for label in ("before disc_start", "cached / encode", "static KV cache / reference sample()"):
+    for label in ("before disc_start", "data loading only", "file scan, cached", "cached / encode",
+                  "static KV cache / reference sample()", "same tokens"):
         assert label in table
 
 
 def test_benchmark_skips_stage_two_without_the_hook(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "training_transformer", None)  # stage two not importable
-    results = benchmark.main(TINY + ["--no-stage-one", "--no-sampling"])
+    results = benchmark.main(TINY + ["--no-stage-one", "--no-sampling", "--no-loader", "--scan-files", "0"])
     assert results["stage_two"] is None
     assert "stage two skipped" in capsys.readouterr().err
 
@@ -58,3 +64,31 @@ def test_device_peak_lookup(monkeypatch):
 def test_bad_counts_are_user_errors():
     with pytest.raises(benchmark.UserError, match="at least 1"):
         benchmark.main(["--repeats", "0"])
+
+
+def test_reference_sample_is_the_reference_loop():
+    """reference_sample against a plain restatement of dome272's loop with the model's own forward
+    (SDPA attention): same tokens, and it keeps the given codes after the start token."""
+    torch.manual_seed(0)
+    gpt = benchmark.GPT(20, 12, n_layer=2, n_head=2, n_embd=16).eval()
+    c, x = torch.full((3, 1), 19), torch.randint(0, 19, (3, 4))
+    torch.manual_seed(1)
+    ours = benchmark.reference_sample(gpt, x, c, 7, top_k=5)
+    torch.manual_seed(1)
+    seq = torch.cat((c, x), dim=1)
+    with torch.no_grad():
+        for _ in range(7):
+            logits = gpt(seq)[0][:, -1]
+            logits[logits < torch.topk(logits, 5).values[:, [-1]]] = -float("inf")
+            seq = torch.cat((seq, torch.multinomial(logits.softmax(-1), 1)), dim=1)
+    assert ours.shape == (3, 11) and torch.equal(ours[:, :4], x) and torch.equal(ours, seq[:, 1:])
+
+
+@pytest.mark.slow
+def test_benchmark_compiled_phases():
+    results = benchmark.main(TINY + ["--no-stage-two", "--no-loader", "--scan-files", "0", "--compile",
+                                     "--recompute-repeats", "0", "--repeats", "1"])
+    s1, sm = results["stage_one"], results["sampling"]
+    for phase in ("before_disc_start_compiled", "after_disc_start_compiled"):
+        assert s1[phase]["images_per_sec"] > 0 and s1[phase]["compile_seconds"] > 0
+    assert sm["same_tokens"] == {"kv_cache_compiled": True} and sm["compile_seconds"] > 0

@@ -121,6 +121,30 @@ def test_sample_script_writes_pngs_grid_and_completions(trained, tmp_path):
     assert len(list(out_c.glob("completion_*.png"))) == 2 and (out_c / "completions.png").is_file()
 
 
+@pytest.mark.slow
+def test_compiled_training_and_sampling_match_eager(stage_one, tmp_path):
+    """--compile in training_transformer (same losses, same checkpoint keys) and in sample_transformer
+    (the compiled decode step draws the same codes, so the same PNG bytes)."""
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = tmp_path / name
+        training_transformer.main(TINY + ["--vqgan-path", str(stage_one / "checkpoints" / "vqgan_last.pt"),
+                                          "--out-dir", str(out), "--max-steps", "2", "--num-grid-images", "0"]
+                                  + extra)
+        ckpt = torch.load(out / "checkpoints" / "transformer_last.pt", weights_only=True)
+        runs[name] = ([r["loss"] for r in records(out) if "loss" in r], ckpt["model"])
+    (loss_e, sd_e), (loss_c, sd_c) = runs["eager"], runs["compiled"]
+    assert len(loss_e) == 2 and loss_c == pytest.approx(loss_e, rel=1e-4)
+    assert sd_c.keys() == sd_e.keys()
+    ckpt = str(tmp_path / "eager" / "checkpoints" / "transformer_last.pt")
+    pngs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        sample_transformer.main(["--transformer-path", ckpt, "--num-samples", "2", "--out-dir",
+                                 str(tmp_path / f"s_{name}"), "--top-k", "20"] + extra)
+        pngs[name] = [p.read_bytes() for p in sorted((tmp_path / f"s_{name}").glob("sample_*.png"))]
+    assert len(pngs["eager"]) == 2 and pngs["compiled"] == pngs["eager"]
+
+
 def test_conditional_training_and_guided_sampling(stage_one, tmp_path):
     data = tmp_path / "data"
     for cls in ("a", "b"):
